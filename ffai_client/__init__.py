@@ -1,0 +1,61 @@
+"""FFAI client: stream tokens from an FFAI worker over ZeroMQ (no MLX needed).
+
+    async with AsyncClient() as client:
+        async for chunk in client.generate_stream("Once upon a time"):
+            print(chunk.text, end="")
+"""
+
+from ffai_client.client import AsyncClient
+from ffai_client.endpoints import default_endpoint, resolve_endpoint
+from ffai_client.errors import (
+    Busy,
+    FFAIError,
+    InternalError,
+    InvalidParameters,
+    InvalidRequest,
+    PromptTooLong,
+    ProtocolError,
+    RequestError,
+    ShuttingDown,
+    TemplateError,
+    WorkerUnavailable,
+)
+from ffai_client.stream import GenerationStream
+from ffai_client.sync import Client, SyncGenerationStream
+from ffai_client.types import (
+    ChatMessage,
+    ChatTemplateOptions,
+    GenerationChunk,
+    GenerationParameters,
+    GenerationResult,
+    GenerationStats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Busy",
+    "ChatMessage",
+    "ChatTemplateOptions",
+    "Client",
+    "FFAIError",
+    "GenerationChunk",
+    "GenerationParameters",
+    "GenerationResult",
+    "GenerationStats",
+    "GenerationStream",
+    "InternalError",
+    "InvalidParameters",
+    "InvalidRequest",
+    "PromptTooLong",
+    "ProtocolError",
+    "RequestError",
+    "ShuttingDown",
+    "SyncGenerationStream",
+    "TemplateError",
+    "WorkerUnavailable",
+    "__version__",
+    "default_endpoint",
+    "resolve_endpoint",
+]

@@ -1,0 +1,174 @@
+"""`ffai`: talk to a running worker from the shell.
+
+Exit codes: 0 ok, 1 the worker refused or failed the request, 2 usage error,
+3 the worker is unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, is_dataclass
+from typing import Any, TypeVar
+
+import click
+
+from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
+from ffai_client.client import AsyncClient
+from ffai_client.errors import FFAIError, RequestError, WorkerUnavailable
+from ffai_client.types import ChatMessage, GenerationChunk, GenerationParameters
+
+EXIT_REQUEST_ERROR = 1
+EXIT_UNAVAILABLE = 3
+T = TypeVar("T")
+
+endpoint_option = click.option(
+    "--endpoint",
+    envvar="FFAI_ENDPOINT",
+    default=None,
+    help="Worker endpoint [env FFAI_ENDPOINT; default: the local daemon's ipc socket].",
+)
+timeout_option = click.option("--timeout", type=float, default=5.0, show_default=True)
+
+
+def _run(make: Callable[[AsyncClient], Awaitable[T]], endpoint: str | None, timeout: float) -> T:
+    """Run one client coroutine, mapping failures to the documented exit codes."""
+
+    async def main() -> T:
+        async with AsyncClient(endpoint, timeout=timeout) as client:
+            return await make(client)
+
+    try:
+        return asyncio.run(main())
+    except WorkerUnavailable as exc:
+        click.echo(f"ffai: worker unavailable: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except RequestError as exc:
+        click.echo(f"ffai: error {exc.code}: {exc.message}", err=True)
+        sys.exit(EXIT_REQUEST_ERROR)
+    except FFAIError as exc:
+        click.echo(f"ffai: {exc}", err=True)
+        sys.exit(EXIT_REQUEST_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ffai")
+def main() -> None:
+    """Client for an FFAI worker (start one with `ffai-worker serve`)."""
+
+
+@main.command()
+@endpoint_option
+@timeout_option
+@sampling_options
+@click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
+@click.argument("prompt")
+def generate(endpoint: str | None, timeout: float, stats: bool, prompt: str, **options: Any) -> None:
+    """Stream a generation to stdout (Ctrl-C cancels it cleanly)."""
+    params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
+
+    async def stream(client: AsyncClient) -> GenerationChunk | None:
+        async with client.generate_stream(prompt, parameters=params) as chunks:
+            async for chunk in chunks:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        return chunks.final
+
+    try:
+        final = _run(stream, endpoint, timeout)
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the task, which sent the cancel to the worker.
+        click.echo("\nffai: cancelled", err=True)
+        sys.exit(130)
+    sys.stdout.write("\n")
+    if stats and final is not None and final.stats is not None:
+        click.echo(final.stats.formatted(), err=True)
+
+
+@main.command()
+@endpoint_option
+@timeout_option
+@sampling_options
+@click.option("--system", default=None, help="A system message to start the conversation.")
+def chat(endpoint: str | None, timeout: float, system: str | None, **options: Any) -> None:
+    """Interactive chat through the model's chat template. /reset, /stats, /quit."""
+    params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
+    _run(lambda client: _chat_loop(client, params, system), endpoint, timeout)
+
+
+async def _chat_loop(client: AsyncClient, params: GenerationParameters, system: str | None) -> None:
+    start = [ChatMessage("system", system)] if system else []
+    history = list(start)
+    last: GenerationChunk | None = None
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            line = await loop.run_in_executor(None, _prompt_line)
+        except EOFError:
+            return
+        command = line.strip()
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/reset":
+            history = list(start)
+            click.echo("(conversation reset)")
+            continue
+        if command == "/stats":
+            click.echo(last.stats.formatted() if last and last.stats else "(no stats yet)")
+            continue
+        if not command:
+            continue
+        history.append(ChatMessage("user", line))
+        reply: list[str] = []
+        async with client.generate_stream(messages=history, parameters=params) as chunks:
+            async for chunk in chunks:
+                reply.append(chunk.text)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        last = chunks.final
+        history.append(ChatMessage("assistant", "".join(reply)))
+
+
+def _prompt_line() -> str:
+    return input("> ")
+
+
+@main.command()
+@endpoint_option
+@timeout_option
+def info(endpoint: str | None, timeout: float) -> None:
+    """Print the worker's model, limits and load as JSON."""
+    reply = _run(lambda client: client.info(), endpoint, timeout)
+    click.echo(json.dumps(_plain(reply), indent=2, ensure_ascii=False))
+
+
+@main.command()
+@endpoint_option
+@timeout_option
+def ping(endpoint: str | None, timeout: float) -> None:
+    """Check that the worker answers; print its load and the round trip."""
+
+    async def go(client: AsyncClient) -> tuple[Any, float]:
+        t0 = loop_time()
+        pong = await client.ping()
+        return pong, loop_time() - t0
+
+    pong, rtt = _run(go, endpoint, timeout)
+    click.echo(f"pong in {rtt * 1000:.2f} ms: running {pong.running}, waiting {pong.waiting}")
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    return value
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,153 @@
+"""`ffai-worker`: serve a model over ZeroMQ, or generate in-process."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from typing import Any
+from urllib.parse import urlparse
+
+import click
+
+from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
+from ffai_client.endpoints import default_endpoint
+
+MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in demo model)."
+DTYPE_CHOICES = click.Choice(["float32", "float16", "bfloat16"])
+
+
+def _load_engine(model: str | None, dtype: str | None, revision: str | None, **config: Any) -> Any:
+    """Load the engine, printing what runs (BLAS, dtype, notes) to stderr."""
+    from ffai_worker.blas import blas_info
+    from ffai_worker.demo_model import NOISE_WARNING, ensure_demo_model
+    from ffai_worker.engine import Engine, EngineConfig
+    from ffai_worker.loading import ModelLoadError
+
+    if model is None:
+        click.echo(f"ffai-worker: {NOISE_WARNING}", err=True)
+        model = str(ensure_demo_model())
+    try:
+        engine = Engine.load(model, dtype=dtype, revision=revision, config=EngineConfig(**config))
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+    mi = engine.model_info
+    click.echo(
+        f"ffai-worker: model {model} ({mi.architecture}, {mi.dtype}, "
+        f"context {engine.context_length}, {mi.weights_bytes / 2**20:.1f} MiB weights)",
+        err=True,
+    )
+    click.echo(f"ffai-worker: BLAS: {blas_info()} (FFAI_BLAS=off disables the swap)", err=True)
+    for note in mi.notes:
+        click.echo(f"ffai-worker: {note}", err=True)
+    return engine
+
+
+def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
+    if not endpoint.startswith("tcp://") or allow_remote:
+        return
+    host = urlparse(endpoint).hostname or ""
+    if host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise click.BadParameter(
+        f"{endpoint} is not a loopback address; pass --allow-remote to listen beyond this machine",
+        param_hint="--endpoint",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ffai")
+def main() -> None:
+    """FFAI worker: one language model, many clients, streamed over ZeroMQ."""
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--endpoint", default=None, help=f"ZeroMQ endpoint to bind [default: {default_endpoint()}]")
+@click.option("--allow-remote", is_flag=True, help="Allow a tcp endpoint on a non-loopback address.")
+@click.option("--dtype", type=DTYPE_CHOICES, default=None, help="Default: the fastest for this device.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--max-queue", type=click.IntRange(0, 100_000), default=64, show_default=True)
+@click.option("--max-tokens-limit", type=click.IntRange(1), default=None, help="Cap on max_tokens.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1), default=None)
+@click.option("--prefill-step-size", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--max-message-bytes", type=click.IntRange(1024), default=16 << 20, show_default=True)
+@click.option("--log-level", default="warning", show_default=True)
+def serve(
+    model: str | None,
+    endpoint: str | None,
+    allow_remote: bool,
+    dtype: str | None,
+    revision: str | None,
+    max_batch: int,
+    max_queue: int,
+    max_tokens_limit: int | None,
+    max_prompt_tokens: int | None,
+    prefill_step_size: int,
+    max_message_bytes: int,
+    log_level: str,
+) -> None:
+    """Load a model and serve it on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
+    from ffai_worker.server import ServerConfig, Worker
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    endpoint = endpoint or default_endpoint()
+    _check_endpoint(endpoint, allow_remote)
+    engine = _load_engine(
+        model,
+        dtype,
+        revision,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens_limit=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens,
+        prefill_step_size=prefill_step_size,
+    )
+    worker = Worker(engine, ServerConfig(endpoint=endpoint, max_message_bytes=max_message_bytes))
+    worker.install_signal_handlers()
+    try:
+        worker.bind()
+    except Exception as exc:
+        raise click.ClickException(f"cannot bind {endpoint}: {exc}") from None
+    click.echo(f"ffai-worker: serving on {endpoint}", err=True)
+    worker.serve_forever()
+    click.echo("ffai-worker: stopped", err=True)
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help=MODEL_HELP)
+@click.option("--dtype", type=DTYPE_CHOICES, default=None)
+@click.option("--revision", default=None)
+@sampling_options
+@click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
+@click.argument("prompt")
+def generate(
+    model: str | None,
+    dtype: str | None,
+    revision: str | None,
+    stats: bool,
+    prompt: str,
+    **options: Any,
+) -> None:
+    """Generate in-process (no worker) and stream the text to stdout."""
+    params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
+    engine = _load_engine(model, dtype, revision)
+    final = None
+    for chunk in engine.generate_stream(prompt, parameters=params):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        if chunk.is_final:
+            final = chunk
+    sys.stdout.write("\n")
+    if stats and final is not None and final.stats is not None:
+        click.echo(final.stats.formatted(), err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,328 @@
+"""The socket-free engine: load a model, turn requests into sequences, run the loop.
+
+`Engine` is usable in-process (`generate_stream`, `generate`) and is what the
+worker's actor thread drives (`new_request` → `submit` → `step`). Both paths
+go through the same `Scheduler.step`, so in-process and served output agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from ffai_client.types import (
+    ChatMessage,
+    ChatTemplateOptions,
+    GenerationChunk,
+    GenerationParameters,
+    GenerationResult,
+)
+from ffai_worker.kv_cache import SlotCache
+from ffai_worker.loading import LoadedModelInfo, load_model, resolve_model_path
+from ffai_worker.sampling import Sampler, TokenHistory
+from ffai_worker.scheduler import Scheduler, SchedulerConfig
+from ffai_worker.sequence import EngineRequest, RequestRejected, Sequence
+from ffai_worker.tokenizer import StreamingDetokenizer, Tokenizer
+
+DEFAULT_TEMPERATURE = 0.6
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16
+    max_queue: int = 64
+    prefill_step_size: int = 512
+    max_tokens_limit: int | None = None  # cap on a request's max_tokens
+    max_prompt_tokens: int | None = None  # cap below the context length
+
+
+class Engine:
+    """One loaded model and the loop that generates from it."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Tokenizer,
+        info: LoadedModelInfo,
+        config: EngineConfig | None = None,
+        *,
+        model_id: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_info = info
+        self.config = config or EngineConfig()
+        self.model_id = model_id or str(info.path)
+        self.context_length = int(info.context_length)
+        gen = info.generation_config or {}
+        self.default_temperature = float(gen.get("temperature", DEFAULT_TEMPERATURE))
+        self.cache = SlotCache(
+            model.num_layers,
+            model.n_kv_heads,
+            model.head_dim,
+            _model_dtype(model),
+            max_slots=self.config.max_batch,
+        )
+        self.scheduler = Scheduler(
+            model,
+            self.cache,
+            context_length=self.context_length,
+            weights_bytes=info.weights_bytes,
+            config=SchedulerConfig(
+                max_batch=self.config.max_batch,
+                max_queue=self.config.max_queue,
+                prefill_step_size=self.config.prefill_step_size,
+            ),
+        )
+        self._local_ids = itertools.count()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path,
+        *,
+        dtype: str | None = None,
+        revision: str | None = None,
+        config: EngineConfig | None = None,
+    ) -> Engine:
+        """Load a local Hugging Face-layout folder or a hub id."""
+        path = resolve_model_path(str(model), revision=revision)
+        loaded, info = load_model(path, dtype=dtype)
+        tokenizer = Tokenizer.from_folder(path, info.generation_config)
+        return cls(loaded, tokenizer, info, config, model_id=str(model))
+
+    # -- requests --------------------------------------------------------------
+    def new_request(
+        self,
+        key: Hashable,
+        *,
+        prompt: str | None = None,
+        tokens: Seq[int] | None = None,
+        messages: Seq[ChatMessage | dict[str, Any]] | None = None,
+        options: ChatTemplateOptions | None = None,
+        parameters: GenerationParameters | None = None,
+        add_special_tokens: bool = True,
+    ) -> EngineRequest:
+        """Validate and tokenize one request; raises RequestRejected with a protocol code."""
+        params = parameters or GenerationParameters()
+        given = sum(x is not None for x in (prompt, tokens, messages))
+        if given != 1:
+            raise RequestRejected(
+                "invalid_request", "give exactly one of prompt, tokens or messages"
+            )
+        if prompt is not None:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        elif tokens is not None:
+            ids = self._checked_tokens(tokens)
+        else:
+            assert messages is not None
+            ids = self.render(messages, options)[1]
+        self._check_limits(ids, params)
+        return EngineRequest(key=key, prompt_ids=ids, params=params)
+
+    def _checked_tokens(self, tokens: Seq[int]) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise RequestRejected(
+                "invalid_request", f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+            )
+        return list(tokens)
+
+    def _check_limits(self, ids: list[int], params: GenerationParameters) -> None:
+        if not ids:
+            raise RequestRejected("invalid_request", "the prompt is empty (no tokens)")
+        limit = self.context_length - 1
+        if self.config.max_prompt_tokens is not None:
+            limit = min(limit, self.config.max_prompt_tokens)
+        if len(ids) > limit:
+            raise RequestRejected(
+                "prompt_too_long",
+                f"the prompt has {len(ids)} tokens; at most {limit} fit"
+                f" (context length {self.context_length})",
+            )
+        cap = self.config.max_tokens_limit
+        if cap is not None and params.max_tokens > cap:
+            raise RequestRejected(
+                "invalid_parameters", f"max_tokens {params.max_tokens} exceeds this worker's {cap}"
+            )
+        vocab = self.tokenizer.vocab_size
+        for token in params.logit_bias:
+            if token >= vocab:
+                raise RequestRejected(
+                    "invalid_parameters", f"logit_bias token id {token} is outside the vocabulary"
+                )
+
+    def submit(self, request: EngineRequest) -> Sequence:
+        """Queue a request; raises RequestRejected('busy') when the queue is full."""
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if params.stop_on_eos:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        seq = Sequence(
+            request,
+            Sampler(
+                params,
+                vocab_size=self.tokenizer.vocab_size,
+                default_temperature=self.default_temperature,
+            ),
+            TokenHistory(request.prompt_ids),
+            StreamingDetokenizer(self.tokenizer, request.prompt_ids),
+            stop_ids,
+        )
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, key: Hashable) -> bool:
+        return self.scheduler.cancel(key)
+
+    def step(self) -> list[Sequence]:
+        return self.scheduler.step()
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- in-process generation -------------------------------------------------
+    def generate_stream(
+        self,
+        prompt: str | None = None,
+        *,
+        tokens: Seq[int] | None = None,
+        messages: Seq[ChatMessage | dict[str, Any]] | None = None,
+        parameters: GenerationParameters | None = None,
+        options: ChatTemplateOptions | None = None,
+        add_special_tokens: bool = True,
+    ) -> Iterator[GenerationChunk]:
+        """Stream chunks for one request, stepping the shared loop as needed.
+
+        Closing the iterator early cancels the request at the next token boundary.
+        """
+        key = ("local", next(self._local_ids))
+        request = self.new_request(
+            key,
+            prompt=prompt,
+            tokens=tokens,
+            messages=messages,
+            options=options,
+            parameters=parameters,
+            add_special_tokens=add_special_tokens,
+        )
+        seq = self.submit(request)
+        finished = False
+        try:
+            while True:
+                while seq.outbox:
+                    chunk = seq.outbox.popleft()
+                    finished = chunk.is_final
+                    yield chunk
+                    if finished:
+                        return
+                self.step()
+        finally:
+            if not finished:
+                self._abandon(seq)
+
+    def _abandon(self, seq: Sequence) -> None:
+        """Cancel and step until the sequence's slot is free again."""
+        self.cancel(seq.key)
+        while self.scheduler.get(seq.key) is not None:
+            self.step()
+        seq.outbox.clear()
+
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
+        """Collect `generate_stream` into one result."""
+        texts: list[str] = []
+        generated: list[int] = []
+        final: GenerationChunk | None = None
+        for chunk in self.generate_stream(prompt, **kwargs):
+            texts.append(chunk.text)
+            generated.extend(chunk.tokens)
+            if chunk.is_final:
+                final = chunk
+        assert final is not None and final.stats is not None
+        return GenerationResult(
+            prompt_tokens=final.stats.prompt_tokens,
+            generated_tokens=generated,
+            text="".join(texts),
+            stats=final.stats,
+            finish_reason=final.finish_reason,
+        )
+
+    # -- tokenizer and template services --------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, tokens: Seq[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(
+            self._checked_tokens(tokens), skip_special_tokens=skip_special_tokens
+        )
+
+    def render(
+        self,
+        messages: Seq[ChatMessage | dict[str, Any]],
+        options: ChatTemplateOptions | None = None,
+    ) -> tuple[str, list[int]]:
+        """Render messages through the model's chat template; return text and ids."""
+        from ffai_worker.chat_template import ChatTemplateError, render, select_template
+
+        opts = options or ChatTemplateOptions()
+        tok = self.tokenizer
+        context: dict[str, Any] = {
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "unk_token": tok.unk_token,
+            "pad_token": tok.pad_token,
+        }
+        context = {k: v for k, v in context.items() if v is not None}
+        context.update(opts.extra)  # the caller's keywords win, as in transformers
+        if opts.enable_thinking is not None:
+            context["enable_thinking"] = opts.enable_thinking
+        # Continuing the last message and opening a new turn contradict each other;
+        # asking to continue implies no generation prompt.
+        generation_prompt = opts.add_generation_prompt and not opts.continue_final_message
+        try:
+            template = select_template(tok.chat_templates, opts.tools)
+            text = render(
+                template,
+                list(messages),
+                add_generation_prompt=generation_prompt,
+                continue_final_message=opts.continue_final_message,
+                tools=opts.tools,
+                documents=opts.documents,
+                **context,
+            )
+        except ChatTemplateError as exc:
+            raise RequestRejected(exc.code, str(exc)) from None
+        return text, self.tokenizer.encode_rendered(text)
+
+    def info(self) -> dict[str, Any]:
+        """What `info` reports: the model, limits and current load."""
+        from ffai_worker.blas import blas_info
+
+        mi = self.model_info
+        return {
+            "model": self.model_id,
+            "architecture": mi.architecture,
+            "context_length": self.context_length,
+            "dtype": mi.dtype,
+            "quantization": mi.quantization if not mi.dequantized else None,
+            "has_chat_template": bool(self.tokenizer.chat_templates),
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_cache_bytes": self.cache.allocated_bytes,
+            "blas": blas_info(),
+        }
+
+
+def _model_dtype(model: Any) -> mx.Dtype:
+    """The dtype the KV cache should use: the embedding's compute dtype."""
+    embed = model.model.embed_tokens
+    scales = getattr(embed, "scales", None)
+    dtype: mx.Dtype = (scales if scales is not None else embed.weight).dtype
+    return dtype

@@ -1,0 +1,213 @@
+"""A slotted KV cache that serves sequences of different lengths in one batched decode.
+
+Layout: per layer, one key and one value buffer of shape (S, n_kv, T, D): S slots
+(one per running sequence) by T positions. Running sequences always occupy
+slots 0..n-1 (when one leaves, the last slot's row moves into its place), so a
+batched decode reads the leading n rows with no gather.
+
+Why this layout (measured against the alternatives on the CPU backend):
+- Per-sequence buffers would need a pad-and-stack copy of every sequence's
+  whole cache in every decode step.
+- Left-padded shared buffers (mlx-lm's BatchKVCache) re-pad every row when a
+  longer sequence joins. Here a join writes only its own row.
+Each sequence writes its new keys at its own position (`put_along_axis`), and
+an additive mask hides positions past each sequence's length, so the result
+for a row never depends on the other rows (batch invariance).
+Buffers grow in steps of `step` positions, and are released entirely when no
+sequence is running, so an idle worker holds no KV memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+
+class SlotCache:
+    """The shared buffers for all layers and all slots."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: mx.Dtype,
+        *,
+        max_slots: int,
+        step: int = 256,
+    ) -> None:
+        self.num_layers = num_layers
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.max_slots = max_slots
+        self.step = step
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.lengths: list[int] = []  # tokens stored per occupied slot
+        self._slots = 0  # rows allocated
+        self._capacity = 0  # positions allocated
+
+    # -- sizes ---------------------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        """Key + value bytes one token occupies across all layers."""
+        return 2 * self.num_layers * self.n_kv_heads * self.head_dim * self.dtype.size
+
+    @property
+    def active(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self._slots * self._capacity * self.bytes_per_token
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.lengths) * self.bytes_per_token
+
+    # -- slots ---------------------------------------------------------------
+    def acquire(self) -> int:
+        """Take the next free slot (always index `active`)."""
+        if self.active >= self.max_slots:
+            raise RuntimeError("no free KV slot")
+        if self.active >= self._slots:
+            self._grow(slots=min(self.max_slots, max(1, 2 * self._slots)))
+        self.lengths.append(0)
+        return self.active - 1
+
+    def release(self, slot: int) -> int | None:
+        """Free `slot`; returns the slot whose row moved into it (or None)."""
+        last = self.active - 1
+        moved: int | None = None
+        if slot != last:
+            for layer in range(self.num_layers):
+                self.keys[layer][slot] = self.keys[layer][last]
+                self.values[layer][slot] = self.values[layer][last]
+            self.lengths[slot] = self.lengths[last]
+            moved = last
+        self.lengths.pop()
+        if not self.lengths:
+            self._free()
+        return moved
+
+    def ensure_capacity(self, positions: int) -> None:
+        """Make room for `positions` tokens in every slot."""
+        if positions > self._capacity:
+            steps = (positions + self.step - 1) // self.step
+            self._grow(capacity=steps * self.step)
+
+    def _grow(self, *, slots: int | None = None, capacity: int | None = None) -> None:
+        new_slots = slots if slots is not None else self._slots
+        new_capacity = capacity if capacity is not None else max(self._capacity, self.step)
+        shape = (new_slots, self.n_kv_heads, new_capacity, self.head_dim)
+        for store in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                fresh = mx.zeros(shape, dtype=self.dtype)
+                if store and self._slots and self._capacity:
+                    fresh[: self._slots, :, : self._capacity, :] = store[layer]
+                if len(store) > layer:
+                    store[layer] = fresh
+                else:
+                    store.append(fresh)
+        self._slots, self._capacity = new_slots, new_capacity
+        mx.eval(self.keys, self.values)
+
+    def _free(self) -> None:
+        self.keys, self.values = [], []
+        self._slots = self._capacity = 0
+
+    # -- views handed to the model ------------------------------------------
+    def prefill_views(self, slot: int, start: int, length: int) -> list[PrefillView]:
+        """Per-layer caches for writing tokens [start, start+length) of one slot."""
+        self.ensure_capacity(start + length)
+        self.lengths[slot] = start + length
+        return [PrefillView(self, layer, slot, start) for layer in range(self.num_layers)]
+
+    def decode_views(self, decoding: list[bool]) -> tuple[list[DecodeView], mx.array | None]:
+        """Per-layer caches for one new token in every occupied slot, plus the mask.
+
+        Slot i writes at position lengths[i]; the mask lets row i see positions
+        0..lengths[i] and nothing past it. Rows not `decoding` (still in
+        prefill) ride along: their write lands where their next prefill chunk
+        will write anyway, and their length does not advance.
+        """
+        n = self.active
+        positions = list(self.lengths)
+        width = max(positions) + 1
+        self.ensure_capacity(width)
+        for i in range(n):
+            if decoding[i]:
+                self.lengths[i] += 1
+        pos = mx.array(positions, dtype=mx.int32)  # (B,)
+        offset: int | mx.array = pos
+        mask: mx.array | None = None
+        if len(set(positions)) == 1:
+            offset = positions[0]  # all rows aligned (always so for one sequence): no mask
+        else:
+            columns = mx.arange(width, dtype=mx.int32)  # (T,)
+            visible = columns[None, :] <= pos[:, None]  # (B, T)
+            mask = mx.where(visible, 0.0, float("-inf")).astype(self.dtype)[:, None, None, :]
+        # Idle rows past `n` write their (zero) padding at position 0: they are
+        # overwritten by the prefill of whichever sequence takes that slot next.
+        padded = mx.array(positions + [0] * (self._slots - n), dtype=mx.int32)  # (S,)
+        index = mx.broadcast_to(
+            padded[:, None, None, None], (self._slots, self.n_kv_heads, 1, self.head_dim)
+        )
+        views = [
+            DecodeView(self, layer, n, offset, index, width) for layer in range(self.num_layers)
+        ]
+        return views, mask  # mask: (B, 1, 1, T) or None
+
+
+class PrefillView:
+    """One layer's cache during a prefill chunk of one sequence."""
+
+    def __init__(self, cache: SlotCache, layer: int, slot: int, start: int) -> None:
+        self.cache, self.layer, self.slot = cache, layer, slot
+        self.offset: Any = start
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        # keys/values: (1, n_kv, L, D)
+        c, s = self.cache, self.slot
+        end = self.offset + keys.shape[2]
+        c.keys[self.layer][s : s + 1, :, self.offset : end, :] = keys
+        c.values[self.layer][s : s + 1, :, self.offset : end, :] = values
+        return (
+            c.keys[self.layer][s : s + 1, :, :end, :],  # (1, n_kv, end, D)
+            c.values[self.layer][s : s + 1, :, :end, :],
+        )
+
+
+class DecodeView:
+    """One layer's cache during a batched single-token decode."""
+
+    def __init__(
+        self,
+        cache: SlotCache,
+        layer: int,
+        rows: int,
+        positions: int | mx.array,
+        index: mx.array,
+        width: int,
+    ) -> None:
+        self.cache, self.layer, self.rows = cache, layer, rows
+        self.offset: Any = positions  # (B,) per-row rope offsets
+        self.index, self.width = index, width
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        # keys/values: (B, n_kv, 1, D)
+        c, n, w, layer = self.cache, self.rows, self.width, self.layer
+        slots = c.keys[layer].shape[0]
+        if slots > n:
+            pad = [(0, slots - n), (0, 0), (0, 0), (0, 0)]
+            keys, values = mx.pad(keys, pad), mx.pad(values, pad)
+        # One in-place scatter over the whole buffer (the old buffer is donated).
+        c.keys[layer] = mx.put_along_axis(c.keys[layer], self.index, keys, axis=2)
+        c.values[layer] = mx.put_along_axis(c.values[layer], self.index, values, axis=2)
+        return c.keys[layer][:n, :, :w, :], c.values[layer][:n, :, :w, :]  # (B, n_kv, T, D)

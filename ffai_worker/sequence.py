@@ -1,0 +1,179 @@
+"""One generation request's state as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ffai_client.types import GenerationChunk, GenerationParameters, GenerationStats
+
+if TYPE_CHECKING:
+    from ffai_worker.sampling import Sampler, TokenHistory
+    from ffai_worker.tokenizer import StreamingDetokenizer
+
+
+class RequestRejected(Exception):
+    """A request the engine will not run; `code` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class EngineRequest:
+    """A validated, tokenized request, ready to be scheduled."""
+
+    key: Hashable  # unique among live requests: (client identity, id) in the worker
+    prompt_ids: list[int]
+    params: GenerationParameters
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    FINISHED = "finished"
+
+
+class StopStringMatcher:
+    """Holds back text that may still turn into a stop string, so none of it is emitted."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string matched)."""
+        if not self.stops:
+            return delta, False
+        text = self.held + delta
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], True
+        keep = self._longest_partial_suffix(text)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+    def _longest_partial_suffix(self, text: str) -> int:
+        best = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:size]):
+                    best = size
+                    break
+        return best
+
+
+@dataclass
+class Timings:
+    """Clock readings and memory counters behind GenerationStats."""
+
+    submitted: float = field(default_factory=time.perf_counter)
+    prefill_started: float | None = None
+    first_token: float | None = None
+    tenth_token: float | None = None
+    last_token: float | None = None
+    prefill_busy_s: float = 0.0
+    baseline_memory: int = 0
+    post_prefill_memory: int = 0
+    prefill_peak: int = 0
+    decode_peak: int = 0
+    max_batch: int = 1
+    kv_capacity: int = 0  # positions the sequence's slot held when released
+
+
+class Sequence:
+    """A running request: its tokens, sampler, detokenizer, stop rules and outbox."""
+
+    def __init__(
+        self,
+        request: EngineRequest,
+        sampler: Sampler,
+        history: TokenHistory,
+        detokenizer: StreamingDetokenizer,
+        stop_ids: set[int],
+    ) -> None:
+        self.request = request
+        self.key = request.key
+        self.params = request.params
+        self.prompt_ids = request.prompt_ids
+        self.sampler = sampler
+        self.history = history
+        self.detokenizer = detokenizer
+        self.stop_ids = stop_ids
+        self.stops = StopStringMatcher(request.params.stop)
+        self.generated: list[int] = []
+        self.phase = Phase.WAITING
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.slot: int | None = None
+        self.cancel_requested = False
+        self.finish_reason: str | None = None
+        self.outbox: deque[GenerationChunk] = deque()
+        self.timings = Timings()
+
+    @property
+    def position(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    def accept(self, token: int, now: float, context_length: int) -> None:
+        """Record one sampled token, emit its text, and decide whether to stop."""
+        self.generated.append(token)
+        self.history.append(token)
+        t = self.timings
+        if t.first_token is None:
+            t.first_token = now
+        if len(self.generated) == 10:
+            t.tenth_token = now
+        t.last_token = now
+        if token in self.stop_ids:
+            self._emit(self._flush_text(), [token])
+            self.finish_reason = "stop"
+            return
+        text, matched = self.stops.feed(self.detokenizer.add(token))
+        if matched:
+            self._emit(text, [token])
+            self.finish_reason = "stop"
+            return
+        if len(self.generated) >= self.params.max_tokens or self.position >= context_length:
+            text += self._flush_text()
+            self.finish_reason = "length"
+        self._emit(text, [token])
+
+    def _flush_text(self) -> str:
+        text, matched = self.stops.feed(self.detokenizer.flush())
+        return text if matched else text + self.stops.flush()
+
+    def _emit(self, text: str, tokens: list[int]) -> None:
+        self.outbox.append(GenerationChunk(text=text, tokens=tokens, position=self.position))
+
+    def finish_cancelled(self) -> None:
+        """End at a token boundary; text already decoded but held back still goes out."""
+        tail = self._flush_text()
+        if tail:
+            self._emit(tail, [])
+        self.finish_reason = "cancelled"
+
+    def final_chunk(self, stats: GenerationStats) -> GenerationChunk:
+        assert self.finish_reason is not None
+        return GenerationChunk(
+            text="",
+            tokens=[],
+            position=self.position,
+            stats=stats,
+            finish_reason=self.finish_reason,  # type: ignore[arg-type]
+        )

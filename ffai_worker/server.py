@@ -1,0 +1,305 @@
+"""The worker process: a ZeroMQ ROUTER and the actor loop that owns MLX.
+
+One thread does everything, in this order, forever:
+drain the mailbox (decode and act on every waiting frame) → one engine step →
+send that step's chunks. Sends never block: a client whose pipe is full keeps
+its chunks here, coalesced into one, until it reads; a client that vanished
+(ROUTER_MANDATORY turns the send into EHOSTUNREACH) has all its sequences
+cancelled. The only MLX work happens inside `engine.step()` and the request
+handlers, both on this thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from ffai_client import protocol as p
+from ffai_client.endpoints import ipc_path
+from ffai_client.types import GenerationChunk
+from ffai_worker.engine import Engine
+from ffai_worker.sequence import RequestRejected
+
+log = logging.getLogger("ffai_worker")
+
+SERVER_NAME = "ffai-worker/0.1.0"
+MAX_RECV_PER_TICK = 256  # frames drained before the next step, so decoding never starves
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    endpoint: str
+    max_message_bytes: int = 16 << 20
+    heartbeat_interval_s: float = 1.0
+    idle_poll_ms: int = 100
+
+
+class Worker:
+    """Binds the endpoint and runs the actor loop until SIGTERM/SIGINT or `stop()`."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self._stopping = False
+        # (identity, id) → chunks not yet sent; the deque holds at most one
+        # coalesced non-final chunk and the final one.
+        self._pending: dict[Hashable, deque[GenerationChunk]] = {}
+        self._live: dict[bytes, set[str]] = {}  # identity → ids of accepted generates
+        self.frames_sent = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    def bind(self) -> None:
+        sock, endpoint = self.sock, self.config.endpoint
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        if endpoint.startswith("tcp://"):
+            # ZMTP heartbeats find half-open TCP peers that never send a FIN.
+            ivl = int(self.config.heartbeat_interval_s * 1000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
+        path = ipc_path(endpoint)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if path.exists():
+                _refuse_if_live(endpoint, path)
+        sock.bind(endpoint)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stopping:
+                self._tick()
+            self._shut_down()
+        finally:
+            self.sock.close(linger=500)
+            path = ipc_path(self.config.endpoint)
+            if path is not None and path.exists():
+                path.unlink()
+
+    def _tick(self) -> None:
+        busy = self.engine.has_work() or bool(self._pending)
+        if self.sock.poll(0 if busy else self.config.idle_poll_ms, zmq.POLLIN):
+            self._drain_mailbox()
+        if self.engine.has_work():
+            for seq in self.engine.step():
+                if seq.outbox:
+                    self._queue_chunks(seq.key, seq.outbox)
+        self._flush_pending()
+
+    def _shut_down(self) -> None:
+        """Stop admitting; end every accepted request with `shutting_down`."""
+        self._drain_mailbox()
+        self._flush_pending()
+        for identity, ids in list(self._live.items()):
+            for rid in list(ids):
+                self.engine.cancel((identity, rid))
+                self._pending.pop((identity, rid), None)
+                self._send(
+                    identity,
+                    p.Error(id=rid, code="shutting_down", message="the worker is stopping"),
+                )
+        self._live.clear()
+        while self.engine.has_work():
+            self.engine.step()
+
+    # -- receiving -------------------------------------------------------------
+    def _drain_mailbox(self) -> None:
+        for _ in range(MAX_RECV_PER_TICK):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                # A DEALER sends exactly one frame after ROUTER's identity frame.
+                self._send(
+                    frames[0],
+                    p.Error(
+                        id=None, code="bad_frame", message="expected exactly one frame per message"
+                    ),
+                )
+                continue
+            self._handle(frames[0], frames[1])
+
+    def _handle(self, identity: bytes, data: bytes) -> None:
+        try:
+            msg = p.decode_client(data, max_message_bytes=self.config.max_message_bytes)
+        except p.FrameError as exc:
+            self._send(identity, p.Error(id=exc.request_id, code=exc.code, message=exc.message))
+            return
+        rid = getattr(msg, "id", None)
+        try:
+            self._dispatch(identity, msg)
+        except RequestRejected as exc:
+            self._send(identity, p.Error(id=rid, code=exc.code, message=exc.message))
+        except Exception as exc:  # one bad request must never take the worker down
+            log.exception("internal error handling %s", type(msg).__name__)
+            self._send(
+                identity, p.Error(id=rid, code="internal", message=f"{type(exc).__name__}: {exc}")
+            )
+
+    def _dispatch(self, identity: bytes, msg: Any) -> None:
+        if isinstance(msg, p.Generate):
+            self._on_generate(identity, msg)
+        elif isinstance(msg, p.Cancel):
+            self.engine.cancel((identity, msg.id))
+        elif isinstance(msg, p.Ping):
+            self._send(
+                identity,
+                p.Pong(
+                    id=msg.id,
+                    running=len(self.engine.scheduler.running),
+                    waiting=len(self.engine.scheduler.waiting),
+                ),
+            )
+        elif isinstance(msg, p.Hello):
+            self._send(identity, self._welcome())
+        elif isinstance(msg, p.InfoRequest):
+            self._send(
+                identity, p.InfoReply(id=msg.id, limits=self._limits(), **self.engine.info())
+            )
+        elif isinstance(msg, p.TokenizeRequest):
+            tokens = self.engine.tokenize(msg.text, add_special_tokens=msg.add_special_tokens)
+            self._send(identity, p.TokenizeReply(id=msg.id, tokens=tokens))
+        elif isinstance(msg, p.DetokenizeRequest):
+            text = self.engine.detokenize(msg.tokens, skip_special_tokens=msg.skip_special_tokens)
+            self._send(identity, p.DetokenizeReply(id=msg.id, text=text))
+        elif isinstance(msg, p.RenderRequest):
+            text, tokens = self.engine.render(msg.messages, msg.options)
+            self._send(identity, p.RenderReply(id=msg.id, text=text, tokens=tokens))
+        else:  # pragma: no cover - decode_client only returns the closed set above
+            raise RequestRejected("unknown_type", f"unexpected message {type(msg).__name__}")
+
+    def _on_generate(self, identity: bytes, msg: p.Generate) -> None:
+        if self._stopping:
+            raise RequestRejected("shutting_down", "the worker is stopping")
+        live = self._live.setdefault(identity, set())
+        if msg.id in live:
+            raise RequestRejected("duplicate_id", f"request id {msg.id!r} is already active")
+        request = self.engine.new_request(
+            (identity, msg.id),
+            prompt=msg.prompt,
+            tokens=msg.tokens,
+            messages=msg.messages,
+            options=msg.options,
+            parameters=msg.params,
+            add_special_tokens=msg.add_special_tokens,
+        )
+        self.engine.submit(request)
+        live.add(msg.id)
+
+    def _limits(self) -> p.Limits:
+        cfg = self.engine.config
+        ctx = self.engine.context_length
+        return p.Limits(
+            max_message_bytes=self.config.max_message_bytes,
+            max_prompt_tokens=min(ctx - 1, cfg.max_prompt_tokens or ctx),
+            max_tokens=cfg.max_tokens_limit or ctx,
+            max_batch=cfg.max_batch,
+            max_queue=cfg.max_queue,
+            context_length=ctx,
+        )
+
+    def _welcome(self) -> p.Welcome:
+        return p.Welcome(
+            protocol=p.PROTOCOL_VERSION,
+            server=SERVER_NAME,
+            model=self.engine.model_id,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            limits=self._limits(),
+        )
+
+    # -- sending ---------------------------------------------------------------
+    def _queue_chunks(self, key: Hashable, outbox: deque[GenerationChunk]) -> None:
+        identity, rid = key  # type: ignore[misc]
+        if rid not in self._live.get(identity, ()):
+            outbox.clear()  # its client vanished: the output has nowhere to go
+            return
+        queue = self._pending.setdefault(key, deque())
+        while outbox:
+            chunk = outbox.popleft()
+            if queue and not chunk.is_final and not queue[-1].is_final:
+                queue[-1] = _coalesce(queue[-1], chunk)
+            else:
+                queue.append(chunk)
+
+    def _flush_pending(self) -> None:
+        for key in list(self._pending):
+            identity, rid = key  # type: ignore[misc]
+            queue = self._pending[key]
+            while queue:
+                chunk = queue[0]
+                outcome = self._send(identity, p.Chunk.from_generation_chunk(rid, chunk))
+                if outcome == "full":
+                    break  # the client is slow: keep coalescing for it
+                queue.popleft()
+                if outcome == "gone":
+                    queue.clear()
+                elif chunk.is_final:
+                    self._live.get(identity, set()).discard(rid)
+            if not queue:
+                del self._pending[key]
+
+    def _send(self, identity: bytes, msg: Any) -> str:
+        """Send without blocking: "sent", "full" (HWM reached) or "gone" (peer vanished)."""
+        try:
+            self.sock.send_multipart([identity, p.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            return "full"
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self._client_gone(identity)
+            return "gone"
+        self.frames_sent += 1
+        return "sent"
+
+    def _client_gone(self, identity: bytes) -> None:
+        """A vanished client: cancel everything it started and drop its output."""
+        for rid in self._live.pop(identity, set()):
+            self.engine.cancel((identity, rid))
+            self._pending.pop((identity, rid), None)
+
+
+def _coalesce(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+    return GenerationChunk(text=a.text + b.text, tokens=a.tokens + b.tokens, position=b.position)
+
+
+def _refuse_if_live(endpoint: str, path: Any) -> None:
+    """Remove a stale socket file, but never steal the endpoint of a running worker."""
+    probe = zmq.Context.instance().socket(zmq.DEALER)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.connect(endpoint)
+        probe.send(p.encode(p.Ping(id="probe")), zmq.NOBLOCK)
+        if probe.poll(300, zmq.POLLIN):
+            raise RuntimeError(f"another worker is already serving {endpoint}")
+    except zmq.Again:
+        pass
+    finally:
+        probe.close()
+    os.unlink(path)
+    time.sleep(0)

@@ -1,0 +1,161 @@
+"""Tiny random checkpoints written by transformers, for tests (no network).
+
+Every builder writes an HF-layout folder (config.json, *.safetensors,
+generation_config.json) and returns its path; `load_reference(path)` reads it
+back as a transformers model to use as the oracle. Weights are drawn with a
+larger initializer_range than transformers' default (0.02) so attention is far
+from uniform and a wrong RoPE or mask shows in the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LLAMA3_ROPE_SCALING: dict[str, Any] = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def build_checkpoint(
+    model_type: str,
+    path: str | Path,
+    *,
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
+    dtype: str = "float32",
+    seed: int = 0,
+    initializer_range: float = 0.1,
+    max_shard_size: str | int | None = None,
+    **config: Any,
+) -> Path:
+    """Write a random `model_type` ("llama", "mistral", "qwen2", "qwen3") checkpoint to `path`.
+
+    Extra keyword arguments go into the transformers config (e.g. rope_scaling,
+    attention_bias, rope_theta). `max_shard_size` (e.g. "100KB") forces sharding.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        head_dim=head_dim or hidden_size // num_attention_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        **config,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _randomize_extras(model, initializer_range)
+    model = model.to(getattr(torch, dtype)).eval()
+    kwargs: dict[str, Any] = {}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def _randomize_extras(model: Any, std: float) -> None:
+    """transformers starts biases at 0 and norm weights at 1; make both random so they count."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, std)
+            elif "norm" in name:
+                param.normal_(1.0, std)
+
+
+def build_llama(path: str | Path, **kw: Any) -> Path:
+    return build_checkpoint("llama", path, **kw)
+
+
+def build_llama3_scaled(path: str | Path, **kw: Any) -> Path:
+    """Llama with Llama 3.1 rope scaling; original context 32 so test prompts exceed it."""
+    kw.setdefault("rope_scaling", dict(LLAMA3_ROPE_SCALING))
+    kw.setdefault("rope_theta", 10000.0)
+    return build_checkpoint("llama", path, **kw)
+
+
+def build_mistral(path: str | Path, **kw: Any) -> Path:
+    kw.setdefault("sliding_window", None)  # we do not implement windowed attention
+    return build_checkpoint("mistral", path, **kw)
+
+
+def build_qwen2(path: str | Path, **kw: Any) -> Path:
+    return build_checkpoint("qwen2", path, **kw)
+
+
+def build_qwen3(path: str | Path, **kw: Any) -> Path:
+    return build_checkpoint("qwen3", path, **kw)
+
+
+BUILDERS = {
+    "llama": build_llama,
+    "llama3_scaled": build_llama3_scaled,
+    "mistral": build_mistral,
+    "qwen2": build_qwen2,
+    "qwen3": build_qwen3,
+}
+
+
+def load_reference(path: str | Path) -> Any:
+    """The checkpoint as a float32 transformers model in eval mode (the oracle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(Path(path), dtype=torch.float32).eval()
+
+
+def greedy_reference(model: Any, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy ids from a transformers model: manual loop, no EOS stop, KV cache reused."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        result = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            token = int(result.logits[0, -1].argmax())
+            out.append(token)
+            result = model(
+                torch.tensor([[token]]), past_key_values=result.past_key_values, use_cache=True
+            )
+    return out
+
+
+def greedy_ours(model: Any, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy ids from an ffai_worker model: prefill, then one token at a time on KVCache."""
+    import mlx.core as mx
+
+    from ffai_worker.models.cache import make_cache
+
+    cache = make_cache(model)
+    logits = model(mx.array([prompt]), cache=cache, last_only=True)
+    out: list[int] = []
+    for _ in range(n):
+        token = int(mx.argmax(logits[0, -1]).item())
+        out.append(token)
+        logits = model(mx.array([[token]]), cache=cache)
+    return out

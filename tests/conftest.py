@@ -1,0 +1,82 @@
+"""Shared fixtures: paths to ../shared, and real worker processes on temporary ipc endpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINYSTORIES = SHARED / "models" / "tinystories-260k"
+TOKENIZERS = SHARED / "tokenizers"
+CHAT_TEMPLATES = SHARED / "chat_templates"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class WorkerProcess:
+    """A real `ffai-worker serve` subprocess bound to a private ipc socket."""
+
+    def __init__(self, model: Path | str | None, *extra: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="ffai-test-")
+        self.endpoint = f"ipc://{self.dir}/w.sock"
+        args = [sys.executable, "-m", "ffai_worker.cli", "serve", "--endpoint", self.endpoint]
+        if model is not None:
+            args += ["--model", str(model)]
+        self.log_path = Path(self.dir) / "worker.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([*args, *extra], stdout=self._log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log()}")
+            if b"serving on" in self.log_path.read_bytes():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"worker did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def tinystories_worker() -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(TINYSTORIES, "--max-queue", "32", "--max-batch", "8")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def fresh_worker_factory() -> Iterator[type[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    class Factory(WorkerProcess):
+        def __init__(self, model: Path | str | None, *extra: str) -> None:
+            super().__init__(model, *extra)
+            started.append(self)
+
+    yield Factory
+    for worker in started:
+        worker.stop(signal.SIGKILL)

@@ -1,0 +1,133 @@
+"""Bad input over a real socket: every bad frame gets a coded error; the worker keeps serving."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+import zmq
+from conftest import WorkerProcess
+
+from ffai_client import protocol as p
+
+
+@pytest.fixture(scope="module")
+def raw(tinystories_worker: WorkerProcess):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(tinystories_worker.endpoint)
+    yield sock
+    sock.close()
+
+
+def ask(sock: zmq.Socket, data: bytes) -> dict:
+    sock.send(data)
+    return msgpack.unpackb(sock.recv(), raw=False)
+
+
+def pack(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def gen(rid: str = "g", **fields: object) -> dict:
+    return {"v": 1, "type": "generate", "id": rid, "prompt": "Once upon a time", **fields}
+
+
+def assert_serves(sock: zmq.Socket) -> None:
+    """A valid request still runs to its final chunk."""
+    sock.send(pack(gen("ok", params={"max_tokens": 5, "temperature": 0.0})))
+    while True:
+        reply = msgpack.unpackb(sock.recv(), raw=False)
+        assert reply["type"] == "chunk", reply
+        if "stats" in reply:
+            assert reply["finish_reason"] in ("stop", "length")
+            return
+
+
+CASES = [
+    ("random bytes", b"\xc1\xff\x00garbage", "bad_frame"),
+    ("non-map msgpack", pack([1, 2, 3]), "bad_frame"),
+    ("missing type", pack({"v": 1}), "unknown_type"),
+    ("unknown type", pack({"v": 1, "type": "explode"}), "unknown_type"),
+    ("unsupported version", pack({"v": 2, "type": "ping"}), "unsupported_version"),
+    ("missing id", pack({"v": 1, "type": "generate", "prompt": "x"}), "invalid_request"),
+    ("ill-typed prompt", pack(gen(prompt=17)), "invalid_request"),
+    ("no prompt", pack({"v": 1, "type": "generate", "id": "x"}), "invalid_request"),
+    ("two prompts", pack(gen(tokens=[1, 2])), "invalid_request"),
+    ("negative max_tokens", pack(gen(params={"max_tokens": -1})), "invalid_parameters"),
+    ("top_p 7", pack(gen(params={"top_p": 7})), "invalid_parameters"),
+    ("NaN temperature", pack(gen(params={"temperature": float("nan")})), "invalid_parameters"),
+    ("huge integer", pack(gen(params={"max_tokens": 2**64 - 1})), "invalid_parameters"),
+    ("huge seed", pack(gen(params={"seed": 2**64 - 1, "top_k": 2**63})), "invalid_parameters"),
+    ("prompt too long", pack(gen(prompt="once upon a time " * 400)), "prompt_too_long"),
+    ("token out of vocab", pack({"v": 1, "type": "generate", "id": "t", "tokens": [1, 10**6]}), "invalid_request"),
+]
+
+
+@pytest.mark.parametrize("name,data,code", CASES, ids=[c[0] for c in CASES])
+def test_bad_frame_gets_its_code(raw: zmq.Socket, name: str, data: bytes, code: str) -> None:
+    reply = ask(raw, data)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    assert reply["message"]
+    assert_serves(raw)
+
+
+def test_duplicate_active_id(raw: zmq.Socket) -> None:
+    raw.send(pack(gen("dup", params={"max_tokens": 300, "temperature": 0.0, "stop_on_eos": False})))
+    raw.send(pack(gen("dup")))
+    frames = []
+    while True:
+        reply = msgpack.unpackb(raw.recv(), raw=False)
+        frames.append(reply)
+        if reply["type"] == "chunk" and "stats" in reply:
+            break
+    errors = [f for f in frames if f["type"] == "error"]
+    assert [e["code"] for e in errors] == ["duplicate_id"] and errors[0]["id"] == "dup"
+    assert sum(1 for f in frames if f["type"] == "chunk" and "stats" in f) == 1
+
+
+def test_64_mib_message(raw: zmq.Socket) -> None:
+    reply = ask(raw, pack(gen(prompt="x" * (64 << 20))))
+    assert reply["code"] == "bad_frame"
+    assert_serves(raw)
+
+
+def test_fuzzed_frames_never_break_the_worker(raw: zmq.Socket) -> None:
+    rng = random.Random(7)
+    valid = [p.encode(p.Ping(id="z")), pack(gen(params={"max_tokens": 2, "temperature": 0.0}))]
+    sent = 0
+    for _ in range(3000):
+        base = bytearray(rng.choice(valid))
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            pos = rng.randrange(len(base))
+            if op < 0.4:
+                base[pos] = rng.randrange(256)
+            elif op < 0.7:
+                del base[pos]
+            else:
+                base.insert(pos, rng.randrange(256))
+        frame = bytes(base)
+        raw.send(frame)
+        try:
+            sent += not isinstance(p.decode_client(frame), p.Cancel)  # a cancel answers nothing
+        except p.FrameError:
+            sent += 1
+    # Every frame is answered by something (error, pong, or a generation's frames).
+    terminal = 0
+    raw.setsockopt(zmq.RCVTIMEO, 3000)
+    try:
+        while terminal < sent:
+            reply = msgpack.unpackb(raw.recv(), raw=False)
+            if reply.get("type") in ("error", "pong", "welcome", "info", "tokenize", "detokenize", "render"):
+                terminal += 1
+            elif reply.get("type") == "chunk" and "stats" in reply:
+                terminal += 1
+    except zmq.Again:
+        pass
+    raw.setsockopt(zmq.RCVTIMEO, 10_000)
+    assert terminal == sent  # exactly one terminal frame per request
+    assert_serves(raw)
