@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import model_set  # noqa: E402
+from models import model_set
 
 PROMPTS = [
     "Once upon a time there was a little {}",
@@ -49,7 +49,9 @@ def _client(endpoint: str, prompt: str, tokens: int, start: mp.Event, out: mp.Qu
 def served(endpoint: str, n: int, tokens: int) -> float:
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_client, args=(endpoint, p, tokens, start, out)) for p in prompts(n)]
+    procs = [
+        ctx.Process(target=_client, args=(endpoint, p, tokens, start, out)) for p in prompts(n)
+    ]
     for proc in procs:
         proc.start()
     time.sleep(1.0 + 0.1 * n)  # let every client connect and ping
@@ -63,9 +65,10 @@ def served(endpoint: str, n: int, tokens: int) -> float:
 
 
 def mlx_lm_batch(folder: Path, n: int, tokens: int, cache: dict) -> float:
-    import ffai_worker  # noqa: F401 - same BLAS as the worker
     import mlx_lm
     from mlx_lm import batch_generate
+
+    import ffai_worker  # noqa: F401 - same BLAS as the worker
 
     if "model" not in cache:
         cache["model"], cache["tok"] = mlx_lm.load(str(folder))
@@ -83,8 +86,18 @@ def mlx_lm_batch(folder: Path, n: int, tokens: int, cache: dict) -> float:
 def start_worker(folder: Path, max_batch: int) -> tuple[subprocess.Popen[bytes], str]:
     endpoint = f"ipc://{tempfile.mkdtemp(prefix='ffai-bench-')}/w.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ffai_worker.cli", "serve", "--model", str(folder),
-         "--endpoint", endpoint, "--max-batch", str(max_batch)],
+        [
+            sys.executable,
+            "-m",
+            "ffai_worker.cli",
+            "serve",
+            "--model",
+            str(folder),
+            "--endpoint",
+            endpoint,
+            "--max-batch",
+            str(max_batch),
+        ],
         stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -110,13 +123,20 @@ def main() -> None:
         cache: dict = {}
         base = None
         print(f"\n{name}: {tokens} tokens per client")
-        print(f"{'clients':>7} | {'served tok/s':>12} | {'x one':>6} | {'mlx-lm tok/s':>12} | {'ratio':>5}")
+        print(
+            f"{'clients':>7} | {'served tok/s':>12} | {'x one':>6} | "
+            f"{'mlx-lm tok/s':>12} | {'ratio':>5}"
+        )
         try:
             for n in args.clients:
                 ours = served(endpoint, n, tokens)
                 theirs = mlx_lm_batch(folder, n, tokens, cache)
                 base = base or ours
-                print(f"{n:>7} | {ours:>12.1f} | {ours / base:>6.2f} | {theirs:>12.1f} | {ours / theirs:>5.2f}", flush=True)
+                print(
+                    f"{n:>7} | {ours:>12.1f} | {ours / base:>6.2f} | "
+                    f"{theirs:>12.1f} | {ours / theirs:>5.2f}",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait()

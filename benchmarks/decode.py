@@ -15,14 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ffai_worker  # noqa: E402,F401 - swap in the fast BLAS before mlx loads
-from models import model_set  # noqa: E402
+from models import model_set
 
-from ffai_client.types import GenerationParameters  # noqa: E402
-from ffai_worker.blas import blas_info  # noqa: E402
-from ffai_worker.engine import Engine  # noqa: E402
+import ffai_worker  # noqa: F401 - swap in the fast BLAS before mlx loads
+from ffai_client.types import GenerationParameters
+from ffai_worker.blas import blas_info
+from ffai_worker.engine import Engine
 
-PROMPT_WORDS = "Once upon a time there was a little girl named Lily who loved to play outside ".split()
+PROMPT_WORDS = (
+    "Once upon a time there was a little girl named Lily who loved to play outside ".split()
+)
 
 
 def make_prompt_ids(engine: Engine, length: int) -> list[int]:
@@ -71,8 +73,10 @@ def bench(name: str, folder: Path, prompt_len: int, tokens: int, repeats: int) -
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(
         f"{name:<22} prompt {len(prompt_ids):>4} tok | "
-        f"prefill ours {med['op']:9.1f} tok/s  mlx-lm {med['tp']:9.1f}  ratio {med['op'] / med['tp']:.2f} | "
-        f"decode ours {med['od']:8.1f} tok/s  mlx-lm {med['td']:8.1f}  ratio {med['od'] / med['td']:.2f}",
+        f"prefill ours {med['op']:9.1f} tok/s  mlx-lm {med['tp']:9.1f}  "
+        f"ratio {med['op'] / med['tp']:.2f} | "
+        f"decode ours {med['od']:8.1f} tok/s  mlx-lm {med['td']:8.1f}  "
+        f"ratio {med['od'] / med['td']:.2f}",
         flush=True,
     )
     return med

@@ -13,7 +13,7 @@ CACHE = Path(os.environ.get("FFAI_BENCH_CACHE", Path.home() / ".cache" / "ffai" 
 
 
 def qwen05b_random() -> Path:
-    """A random float32 model shaped like Qwen2.5-0.5B (built once with transformers, then cached)."""
+    """A random float32 Qwen2.5-0.5B-shaped model (built once with transformers, then cached)."""
     folder = CACHE / "qwen2.5-0.5b-random-f32"
     if (folder / "config.json").exists():
         return folder

@@ -65,7 +65,9 @@ def main() -> None:
 @sampling_options
 @click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
 @click.argument("prompt")
-def generate(endpoint: str | None, timeout: float, stats: bool, prompt: str, **options: Any) -> None:
+def generate(
+    endpoint: str | None, timeout: float, stats: bool, prompt: str, **options: Any
+) -> None:
     """Stream a generation to stdout (Ctrl-C cancels it cleanly)."""
     params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
 

@@ -12,8 +12,15 @@ from ffai_client.types import GenerationParameters
 F = TypeVar("F", bound=Callable[..., Any])
 
 _SAMPLING_OPTIONS = [
-    click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most."),
-    click.option("--temperature", type=float, default=None, help="0 = greedy; default: the model's, else 0.6."),
+    click.option(
+        "--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most."
+    ),
+    click.option(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 = greedy; default: the model's, else 0.6.",
+    ),
     click.option("--top-p", type=float, default=1.0, show_default=True),
     click.option("--top-k", type=int, default=0, show_default=True, help="0 disables."),
     click.option("--min-p", type=float, default=0.0, show_default=True),

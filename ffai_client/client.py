@@ -185,9 +185,12 @@ class AsyncClient:
             try:
                 data = await sock.recv()
             except (zmq.ZMQError, asyncio.CancelledError):
-                if sock is self._sock and not self._closed:
+                # Closing a socket cancels its pending recv too: only a rebuilt
+                # socket (not aclose, not a cancel of this task) means "read on".
+                task = asyncio.current_task()
+                if self._closed or sock is self._sock or (task and task.cancelling()):
                     raise
-                continue  # the socket was rebuilt under us: read from the new one
+                continue
             self._last_heard = time.monotonic()
             self._route(data)
 
@@ -226,7 +229,10 @@ class AsyncClient:
                     )
                 )
                 self._reset_socket()
-            elif silence > self.heartbeat_interval and now - self._last_ping > self.heartbeat_interval:
+            elif (
+                silence > self.heartbeat_interval
+                and now - self._last_ping > self.heartbeat_interval
+            ):
                 self._last_ping = now
                 self._send_nowait(p.Ping(id=None))
 

@@ -76,6 +76,7 @@ class GenerationStream:
     def _abandon(self) -> None:
         if not self._done and self._queue is not None:
             self._client.cancel_nowait(self.request_id)
+            self._client._forget(self.request_id)
         self._done = True
 
     async def cancel(self) -> None:
@@ -96,7 +97,7 @@ class GenerationStream:
                     self._take(item)
                 except Exception:
                     break
-        except (asyncio.TimeoutError, WorkerUnavailable):
+        except (TimeoutError, WorkerUnavailable):
             pass
         finally:
             self._finish()

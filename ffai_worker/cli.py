@@ -68,9 +68,15 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
-@click.option("--endpoint", default=None, help=f"ZeroMQ endpoint to bind [default: {default_endpoint()}]")
-@click.option("--allow-remote", is_flag=True, help="Allow a tcp endpoint on a non-loopback address.")
-@click.option("--dtype", type=DTYPE_CHOICES, default=None, help="Default: the fastest for this device.")
+@click.option(
+    "--endpoint", default=None, help=f"ZeroMQ endpoint to bind [default: {default_endpoint()}]"
+)
+@click.option(
+    "--allow-remote", is_flag=True, help="Allow a tcp endpoint on a non-loopback address."
+)
+@click.option(
+    "--dtype", type=DTYPE_CHOICES, default=None, help="Default: the fastest for this device."
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--max-queue", type=click.IntRange(0, 100_000), default=64, show_default=True)

@@ -249,7 +249,9 @@ class Worker:
     def _flush_pending(self) -> None:
         for key in list(self._pending):
             identity, rid = key  # type: ignore[misc]
-            queue = self._pending[key]
+            queue = self._pending.get(key)
+            if queue is None:
+                continue  # dropped while flushing: its client vanished
             while queue:
                 chunk = queue[0]
                 outcome = self._send(identity, p.Chunk.from_generation_chunk(rid, chunk))
@@ -261,7 +263,7 @@ class Worker:
                 elif chunk.is_final:
                     self._live.get(identity, set()).discard(rid)
             if not queue:
-                del self._pending[key]
+                self._pending.pop(key, None)
 
     def _send(self, identity: bytes, msg: Any) -> str:
         """Send without blocking: "sent", "full" (HWM reached) or "gone" (peer vanished)."""

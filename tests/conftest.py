@@ -32,7 +32,7 @@ class WorkerProcess:
         if model is not None:
             args += ["--model", str(model)]
         self.log_path = Path(self.dir) / "worker.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([*args, *extra], stdout=self._log, stderr=subprocess.STDOUT)
         self.wait_ready()
 

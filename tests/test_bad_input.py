@@ -63,7 +63,11 @@ CASES = [
     ("huge integer", pack(gen(params={"max_tokens": 2**64 - 1})), "invalid_parameters"),
     ("huge seed", pack(gen(params={"seed": 2**64 - 1, "top_k": 2**63})), "invalid_parameters"),
     ("prompt too long", pack(gen(prompt="once upon a time " * 400)), "prompt_too_long"),
-    ("token out of vocab", pack({"v": 1, "type": "generate", "id": "t", "tokens": [1, 10**6]}), "invalid_request"),
+    (
+        "token out of vocab",
+        pack({"v": 1, "type": "generate", "id": "t", "tokens": [1, 10**6]}),
+        "invalid_request",
+    ),
 ]
 
 
@@ -122,7 +126,15 @@ def test_fuzzed_frames_never_break_the_worker(raw: zmq.Socket) -> None:
     try:
         while terminal < sent:
             reply = msgpack.unpackb(raw.recv(), raw=False)
-            if reply.get("type") in ("error", "pong", "welcome", "info", "tokenize", "detokenize", "render"):
+            if reply.get("type") in (
+                "error",
+                "pong",
+                "welcome",
+                "info",
+                "tokenize",
+                "detokenize",
+                "render",
+            ):
                 terminal += 1
             elif reply.get("type") == "chunk" and "stats" in reply:
                 terminal += 1

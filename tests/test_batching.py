@@ -47,10 +47,14 @@ def tiny() -> Engine:
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     folder = build_qwen2(tmp_path_factory.mktemp("qwen2"))
-    return Engine.load(folder, config=EngineConfig(max_batch=8, max_queue=16, prefill_step_size=512))
+    return Engine.load(
+        folder, config=EngineConfig(max_batch=8, max_queue=16, prefill_step_size=512)
+    )
 
 
-def run_all(engine: Engine, requests: dict[Hashable, dict], stagger: int = 0) -> dict[Hashable, list[int]]:
+def run_all(
+    engine: Engine, requests: dict[Hashable, dict], stagger: int = 0
+) -> dict[Hashable, list[int]]:
     """Submit requests (every `stagger` steps, or all at once) and step until all finish."""
     pending = list(requests.items())
     seqs = {}
@@ -80,7 +84,9 @@ def prompts_of_different_lengths(engine: Engine) -> dict[Hashable, dict]:
 
 @pytest.mark.parametrize("which", ["tiny", "qwen"])
 @pytest.mark.parametrize("stagger", [0, 3])
-def test_batched_greedy_equals_solo(request: pytest.FixtureRequest, which: str, stagger: int) -> None:
+def test_batched_greedy_equals_solo(
+    request: pytest.FixtureRequest, which: str, stagger: int
+) -> None:
     engine: Engine = request.getfixturevalue(which)
     requests = prompts_of_different_lengths(engine)
     solo = {k: engine.generate(**kw).generated_tokens for k, kw in requests.items()}
@@ -93,7 +99,9 @@ def test_seeded_sampling_is_batch_invariant(tiny: Engine) -> None:
     requests = {
         f"s{i}": {
             "prompt": "The cat" + " and the dog" * i,
-            "parameters": GenerationParameters(temperature=1.0, top_k=40, seed=100 + i, max_tokens=32),
+            "parameters": GenerationParameters(
+                temperature=1.0, top_k=40, seed=100 + i, max_tokens=32
+            ),
         }
         for i in range(6)
     }
@@ -103,7 +111,10 @@ def test_seeded_sampling_is_batch_invariant(tiny: Engine) -> None:
 
 def test_long_prompt_prefill_does_not_freeze_running_streams(qwen: Engine) -> None:
     params = GenerationParameters(temperature=0.0, max_tokens=200, stop_on_eos=False)
-    streams = [qwen.submit(qwen.new_request(f"run{i}", prompt=f"stream {i}", parameters=params)) for i in range(4)]
+    streams = [
+        qwen.submit(qwen.new_request(f"run{i}", prompt=f"stream {i}", parameters=params))
+        for i in range(4)
+    ]
     while any(not s.generated for s in streams):
         qwen.step()
     long_ids = [(i * 7919) % 150000 + 10 for i in range(2000)]
@@ -127,7 +138,9 @@ def test_queue_overflow_is_busy_and_cancelling_a_queued_request_frees_its_slot()
     params = GenerationParameters(temperature=0.0, max_tokens=50, stop_on_eos=False)
     running = engine.submit(engine.new_request("a", prompt="Once", parameters=params))
     engine.step()  # "a" takes the only slot
-    queued = [engine.submit(engine.new_request(k, prompt="The cat", parameters=params)) for k in "bc"]
+    queued = [
+        engine.submit(engine.new_request(k, prompt="The cat", parameters=params)) for k in "bc"
+    ]
     with pytest.raises(RequestRejected) as exc:
         engine.submit(engine.new_request("d", prompt="The dog", parameters=params))
     assert exc.value.code == "busy"
