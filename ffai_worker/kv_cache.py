@@ -10,9 +10,10 @@ Why this layout (measured against the alternatives on the CPU backend):
   whole cache in every decode step.
 - Left-padded shared buffers (mlx-lm's BatchKVCache) re-pad every row when a
   longer sequence joins. Here a join writes only its own row.
-Each sequence writes its new keys at its own position (`put_along_axis`), and
-an additive mask hides positions past each sequence's length, so the result
-for a row never depends on the other rows (batch invariance).
+Each sequence writes its new keys at its own position (`put_along_axis`, in
+`decoder.py`), and an additive mask hides positions past each sequence's
+length, so the result for a row never depends on the other rows (batch
+invariance).
 Buffers grow in steps of `step` positions, and are released entirely when no
 sequence is running, so an idle worker holds no KV memory.
 """
@@ -129,40 +130,21 @@ class SlotCache:
         self.lengths[slot] = start + length
         return [PrefillView(self, layer, slot, start) for layer in range(self.num_layers)]
 
-    def decode_views(self, decoding: list[bool]) -> tuple[list[DecodeView], mx.array | None]:
-        """Per-layer caches for one new token in every occupied slot, plus the mask.
+    def advance(self, decoding: list[bool]) -> list[int]:
+        """Reserve one position in every occupied slot; return each slot's write position.
 
-        Slot i writes at position lengths[i]; the mask lets row i see positions
-        0..lengths[i] and nothing past it. Rows not `decoding` (still in
+        Slot i writes at position lengths[i]. Rows not `decoding` (still in
         prefill) ride along: their write lands where their next prefill chunk
-        will write anyway, and their length does not advance.
+        will write anyway, and their length does not advance. Idle rows past
+        the occupied ones write their padding at position 0, overwritten by
+        the prefill of whichever sequence takes that slot next.
         """
-        n = self.active
         positions = list(self.lengths)
-        width = max(positions) + 1
-        self.ensure_capacity(width)
-        for i in range(n):
-            if decoding[i]:
+        self.ensure_capacity(max(positions) + 1)
+        for i, advancing in enumerate(decoding):
+            if advancing:
                 self.lengths[i] += 1
-        pos = mx.array(positions, dtype=mx.int32)  # (B,)
-        offset: int | mx.array = pos
-        mask: mx.array | None = None
-        if len(set(positions)) == 1:
-            offset = positions[0]  # all rows aligned (always so for one sequence): no mask
-        else:
-            columns = mx.arange(width, dtype=mx.int32)  # (T,)
-            visible = columns[None, :] <= pos[:, None]  # (B, T)
-            mask = mx.where(visible, 0.0, float("-inf")).astype(self.dtype)[:, None, None, :]
-        # Idle rows past `n` write their (zero) padding at position 0: they are
-        # overwritten by the prefill of whichever sequence takes that slot next.
-        padded = mx.array(positions + [0] * (self._slots - n), dtype=mx.int32)  # (S,)
-        index = mx.broadcast_to(
-            padded[:, None, None, None], (self._slots, self.n_kv_heads, 1, self.head_dim)
-        )
-        views = [
-            DecodeView(self, layer, n, offset, index, width) for layer in range(self.num_layers)
-        ]
-        return views, mask  # mask: (B, 1, 1, T) or None
+        return positions + [0] * (self._slots - len(positions))
 
 
 class PrefillView:
@@ -182,32 +164,3 @@ class PrefillView:
             c.keys[self.layer][s : s + 1, :, :end, :],  # (1, n_kv, end, D)
             c.values[self.layer][s : s + 1, :, :end, :],
         )
-
-
-class DecodeView:
-    """One layer's cache during a batched single-token decode."""
-
-    def __init__(
-        self,
-        cache: SlotCache,
-        layer: int,
-        rows: int,
-        positions: int | mx.array,
-        index: mx.array,
-        width: int,
-    ) -> None:
-        self.cache, self.layer, self.rows = cache, layer, rows
-        self.offset: Any = positions  # (B,) per-row rope offsets
-        self.index, self.width = index, width
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        # keys/values: (B, n_kv, 1, D)
-        c, n, w, layer = self.cache, self.rows, self.width, self.layer
-        slots = c.keys[layer].shape[0]
-        if slots > n:
-            pad = [(0, slots - n), (0, 0), (0, 0), (0, 0)]
-            keys, values = mx.pad(keys, pad), mx.pad(values, pad)
-        # One in-place scatter over the whole buffer (the old buffer is donated).
-        c.keys[layer] = mx.put_along_axis(c.keys[layer], self.index, keys, axis=2)
-        c.values[layer] = mx.put_along_axis(c.values[layer], self.index, values, axis=2)
-        return c.keys[layer][:n, :, :w, :], c.values[layer][:n, :, :w, :]  # (B, n_kv, T, D)

@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 
 from ffai_client.types import GenerationStats
+from ffai_worker.decoder import BatchedDecoder
 from ffai_worker.kv_cache import SlotCache
 from ffai_worker.sampling import sample_batch
 from ffai_worker.sequence import Phase, RequestRejected, Sequence
@@ -50,6 +51,7 @@ class Scheduler:
         self.context_length = context_length
         self.weights_bytes = weights_bytes
         self.config = config
+        self.decoder = BatchedDecoder(model, cache)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == KV slot
         self.steps = 0  # forward steps taken (tests observe progress by it)
@@ -203,8 +205,7 @@ class Scheduler:
     def _forward(self, inputs: mx.array, decoding: list[Sequence]) -> mx.array:
         """Build (lazily) one decode step; return the sampled tokens (B_decoding,)."""
         active = [s in decoding for s in self.running]
-        views, mask = self.cache.decode_views(active)
-        logits = self.model(inputs, cache=views, mask=mask)[:, -1, :]  # (B, V)
+        logits = self.decoder(inputs, active)  # (B, V)
         if len(decoding) != len(self.running):
             rows = [i for i, ok in enumerate(active) if ok]
             logits = logits[mx.array(rows)]
