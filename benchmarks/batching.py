@@ -15,6 +15,7 @@ import multiprocessing as mp
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def start_worker(folder: Path, max_batch: int) -> tuple[subprocess.Popen[bytes],
     assert proc.stderr is not None
     for line in proc.stderr:
         if b"serving on" in line:
+            # Keep draining its log so a chatty worker never blocks on a full pipe.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, endpoint
     raise RuntimeError("worker failed to start")
 

@@ -7,11 +7,13 @@ tinystories-260k, 2-core x86 CPU, one sequence: eager 725 tok/s, compiled
 1190 tok/s (kernels are cached on disk, so only a worker's first-ever step per
 slot count pays the ~2 s build).
 
-Why attention spans the whole allocated capacity rather than the longest row:
-a shape that changes only when the cache grows (every `SlotCache.step`
-positions) or gains slots keeps one trace valid for hundreds of steps; the
-mask hides each row's positions past its own length, at the price of at most
-`step` masked positions of attention work.
+Why attention spans the longest row rounded up to `WIDTH_STEP` positions:
+attention is the part of a batched CPU decode that grows with batch size and
+length (tinystories, 16 rows: 2.0 ms/step attending 256 positions, 4.7 ms
+attending 512), so it must not cover the whole allocated cache; rounding keeps
+one trace valid for `WIDTH_STEP` steps (a new width costs a retrace of about a
+millisecond, its kernels come from the cache). The mask hides each row's
+positions past its own length.
 
 `FFAI_COMPILE=0` runs the same function eagerly (for debugging, or a machine
 whose MLX cannot build CPU kernels; that is also detected at the first step).
@@ -21,6 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -29,20 +34,27 @@ from ffai_worker.kv_cache import SlotCache
 
 log = logging.getLogger("ffai_worker")
 
+WIDTH_STEP = 32  # attention width granularity, in positions
+MAX_TRACES = 16  # compiled widths kept (each is a traced graph)
+
 
 class _StepView:
     """One layer's cache inside the traced step: a pure function of its arrays."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, index: mx.array):
+    def __init__(
+        self, keys: mx.array, values: mx.array, offset: mx.array, index: mx.array, width: int
+    ) -> None:
         self.keys, self.values = keys, values  # (S, n_kv, T, D)
         self.offset = offset  # (S,) per-row rope offsets
         self.index = index  # (S, n_kv, 1, D) write positions
+        self.width = width  # positions attended
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         # keys/values: (S, n_kv, 1, D); the old buffers are donated, so this writes in place.
         self.keys = mx.put_along_axis(self.keys, self.index, keys, axis=2)
         self.values = mx.put_along_axis(self.values, self.index, values, axis=2)
-        return self.keys, self.values
+        w = self.width
+        return self.keys[:, :, :w, :], self.values[:, :, :w, :]  # (S, n_kv, W, D)
 
 
 class BatchedDecoder:
@@ -54,17 +66,24 @@ class BatchedDecoder:
         if compiled is None:
             compiled = os.environ.get("FFAI_COMPILE", "1") != "0"
         self.compiled = compiled
-        self._fn = mx.compile(self._step) if compiled else self._step
+        self._traces: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._checked = not compiled  # the first compiled step proves the JIT works here
 
     def _step(
-        self, inputs: mx.array, positions: mx.array, keys: list[mx.array], values: list[mx.array]
+        self,
+        width: int,
+        inputs: mx.array,
+        positions: mx.array,
+        keys: list[mx.array],
+        values: list[mx.array],
     ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-        slots, n_kv, capacity, head_dim = keys[0].shape
-        visible = mx.arange(capacity, dtype=mx.int32)[None, :] <= positions[:, None]  # (S, T)
+        slots, n_kv, _, head_dim = keys[0].shape
+        visible = mx.arange(width, dtype=mx.int32)[None, :] <= positions[:, None]  # (S, W)
         mask = mx.where(visible, 0.0, float("-inf")).astype(keys[0].dtype)[:, None, None, :]
         index = mx.broadcast_to(positions[:, None, None, None], (slots, n_kv, 1, head_dim))
-        views = [_StepView(k, v, positions, index) for k, v in zip(keys, values, strict=True)]
+        views = [
+            _StepView(k, v, positions, index, width) for k, v in zip(keys, values, strict=True)
+        ]
         logits = self.model(inputs, cache=views, mask=mask)[:, -1, :]  # (S, V)
         return logits, [v.keys for v in views], [v.values for v in views]
 
@@ -76,23 +95,38 @@ class BatchedDecoder:
         """
         cache = self.cache
         n = cache.active
-        positions = mx.array(cache.advance(decoding), dtype=mx.int32)  # (S,)
-        slots = positions.shape[0]
+        write_at = cache.advance(decoding)
+        width = min(cache.capacity, -(-(max(write_at) + 1) // WIDTH_STEP) * WIDTH_STEP)
+        positions = mx.array(write_at, dtype=mx.int32)  # (S,)
+        slots = len(write_at)
         if slots > n:
             inputs = mx.pad(inputs, [(0, slots - n), (0, 0)])  # (S, 1)
-        logits, cache.keys, cache.values = self._run(inputs, positions)
+        logits, cache.keys, cache.values = self._run(width, inputs, positions)
         return logits[:n] if slots > n else logits  # (n, V)
 
-    def _run(self, inputs: mx.array, positions: mx.array) -> tuple[Any, Any, Any]:
+    def _trace(self, width: int) -> Callable[..., Any]:
+        fn = self._traces.get(width)
+        if fn is None:
+            step = partial(self._step, width)
+            fn = mx.compile(step) if self.compiled else step
+            self._traces[width] = fn
+            if len(self._traces) > MAX_TRACES:
+                self._traces.popitem(last=False)
+        else:
+            self._traces.move_to_end(width)
+        return fn
+
+    def _run(self, width: int, inputs: mx.array, positions: mx.array) -> tuple[Any, Any, Any]:
         cache = self.cache
         if self._checked:
-            return self._fn(inputs, positions, cache.keys, cache.values)
+            return self._trace(width)(inputs, positions, cache.keys, cache.values)
         try:
-            out = self._fn(inputs, positions, cache.keys, cache.values)
+            out = self._trace(width)(inputs, positions, cache.keys, cache.values)
             mx.eval(out)
         except Exception as exc:  # no C++ compiler for CPU kernels, for instance
             log.warning("compiled decode failed (%s); decoding eagerly", exc)
-            self._fn, self.compiled = self._step, False
-            out = self._fn(inputs, positions, cache.keys, cache.values)
+            self.compiled = False
+            self._traces.clear()
+            out = self._trace(width)(inputs, positions, cache.keys, cache.values)
         self._checked = True
         return out

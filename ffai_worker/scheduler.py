@@ -194,9 +194,7 @@ class Scheduler:
             self._settle(inflight, touched)
 
     def _decoding(self) -> list[Sequence]:
-        return [
-            s for s in self.running if s.phase is Phase.DECODE and s.finish_reason is None
-        ]
+        return [s for s in self.running if s.phase is Phase.DECODE and s.finish_reason is None]
 
     def _pipelinable(self, decoding: list[Sequence]) -> bool:
         # A penalty needs the previous token in its history before sampling.
@@ -209,9 +207,7 @@ class Scheduler:
         if len(decoding) != len(self.running):
             rows = [i for i, ok in enumerate(active) if ok]
             logits = logits[mx.array(rows)]
-        return sample_batch(
-            [s.sampler for s in decoding], logits, [s.history for s in decoding]
-        )
+        return sample_batch([s.sampler for s in decoding], logits, [s.history for s in decoding])
 
     def _settle(self, step: tuple[list[Sequence], mx.array], touched: list[Sequence]) -> None:
         """Read a step's tokens back and hand each to its sequence."""
