@@ -3,7 +3,10 @@
 A tiny random-weight Llama with a byte-level tokenizer and a chat template,
 built deterministically (fixed seed) into the user's cache on first use, so a
 fresh machine can run the whole service offline. Its output is noise: it
-exists to prove the plumbing, not to say anything.
+exists to prove the plumbing, not to say anything. The vocabulary holds a few
+hundred whole English words next to the 256 bytes, and the (untied) output
+projection only ever favours the words, so the noise reads as a word salad
+rather than as invalid UTF-8.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_NAME = f"ffai-demo-llama-v{DEMO_VERSION}"
 SPECIALS = ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -23,6 +26,19 @@ CHAT_TEMPLATE = (
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
+WORDS = """
+the a and to of in it was he she they we you I is on for with as at by from
+but not all one had were said there what so up out if about who get which go me
+when make can like time no just him know take people into year your good some
+could them see other than then now look only come its over think also back after
+use two how our work first well way even new want because any these give day most
+cat dog bird fish tree sun moon star rain snow river sea hill road house door
+window garden park school book story song game ball toy box cake apple bread milk
+red blue green yellow big small happy sad little old young fast slow warm cold
+run walk jump play sing read write find help look open close laugh smile sleep
+dream friend mother father sister brother girl boy king queen dragon robot ship
+morning night today tomorrow always never again together away home very much
+""".split()
 NOISE_WARNING = (
     "serving the built-in demo model (tiny, random weights): its output is noise. "
     "Pass --model <folder or hub id> for a real model."
@@ -61,8 +77,8 @@ def _write_tokenizer(folder: Path) -> int:
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
+    for piece in alphabet + ["\u0120" + word for word in dict.fromkeys(WORDS)]:
+        vocab.setdefault(piece, len(vocab))  # "\u0120" (Ġ) is byte-level BPE's space
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -97,7 +113,7 @@ def _write_config(folder: Path, vocab_size: int) -> dict[str, object]:
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,
         "bos_token_id": 0,
         "eos_token_id": 1,
         "torch_dtype": "float32",
@@ -118,7 +134,15 @@ def _write_weights(folder: Path, config: dict[str, object]) -> None:
     def w(*shape: int) -> mx.array:
         return mx.array(rng.normal(0.0, 0.08, size=shape).astype(np.float32))
 
-    weights = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": mx.ones((d,))}
+    # Output rows: zero for specials and bytes, strong for words, so words win every draw.
+    first_word = len(SPECIALS) + 256
+    head = np.zeros((v, d), dtype=np.float32)
+    head[first_word:] = rng.normal(0.0, 0.35, size=(v - first_word, d))
+    weights = {
+        "model.embed_tokens.weight": w(v, d),
+        "model.norm.weight": mx.ones((d,)),
+        "lm_head.weight": mx.array(head),
+    }
     for i in range(int(config["num_hidden_layers"])):  # type: ignore[call-overload]
         pre = f"model.layers.{i}."
         weights |= {
