@@ -57,7 +57,11 @@ class Worker:
         # coalesced non-final chunk and the final one.
         self._pending: dict[Hashable, deque[GenerationChunk]] = {}
         self._live: dict[bytes, set[str]] = {}  # identity → ids of accepted generates
+        # Service counters, reported by `info`: frames sent, and CPU seconds of
+        # this (actor) thread spent in the loop outside `engine.step()`.
         self.frames_sent = 0
+        self.service_cpu_s = 0.0
+        self._tick_cpu0 = 0.0  # this thread's CPU clock when the current tick started
 
     # -- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
@@ -90,6 +94,7 @@ class Worker:
         signal.signal(signal.SIGINT, handler)
 
     def serve_forever(self) -> None:
+        self._tick_cpu0 = time.thread_time()
         try:
             while not self._stopping:
                 self._tick()
@@ -101,14 +106,28 @@ class Worker:
                 path.unlink()
 
     def _tick(self) -> None:
-        busy = self.engine.has_work() or bool(self._pending)
-        if self.sock.poll(0 if busy else self.config.idle_poll_ms, zmq.POLLIN):
+        # Everything here but `engine.step()` counts as service CPU; a tick
+        # starts where the previous one ended, so three clock reads suffice.
+        start = self._tick_cpu0
+        step_cpu = 0.0
+        if self.engine.has_work() or self._pending:
+            # Busy: one cheap getsockopt instead of a zero-timeout poll.
+            ready = self.sock.get(zmq.EVENTS) & zmq.POLLIN
+        else:
+            ready = self.sock.poll(self.config.idle_poll_ms, zmq.POLLIN)
+        if ready:
             self._drain_mailbox()
         if self.engine.has_work():
-            for seq in self.engine.step():
+            before = time.thread_time()
+            touched = self.engine.step()
+            step_cpu = time.thread_time() - before
+            for seq in touched:
                 if seq.outbox:
-                    self._queue_chunks(seq.key, seq.outbox)
-        self._flush_pending()
+                    self._emit(seq.key, seq.outbox)
+        if self._pending:
+            self._flush_pending()
+        end = self._tick_cpu0 = time.thread_time()
+        self.service_cpu_s += end - start - step_cpu
 
     def _shut_down(self) -> None:
         """Stop admitting; end every accepted request with `shutting_down`."""
@@ -178,8 +197,17 @@ class Worker:
         elif isinstance(msg, p.Hello):
             self._send(identity, self._welcome())
         elif isinstance(msg, p.InfoRequest):
+            # Mailbox work runs before the tick's step, so the counter is exact up to now.
+            service_cpu_s = self.service_cpu_s + (time.thread_time() - self._tick_cpu0)
             self._send(
-                identity, p.InfoReply(id=msg.id, limits=self._limits(), **self.engine.info())
+                identity,
+                p.InfoReply(
+                    id=msg.id,
+                    limits=self._limits(),
+                    **self.engine.info(),
+                    frames_sent=self.frames_sent,
+                    service_cpu_s=service_cpu_s,
+                ),
             )
         elif isinstance(msg, p.TokenizeRequest):
             tokens = self.engine.tokenize(msg.text, add_special_tokens=msg.add_special_tokens)
@@ -233,12 +261,28 @@ class Worker:
         )
 
     # -- sending ---------------------------------------------------------------
-    def _queue_chunks(self, key: Hashable, outbox: deque[GenerationChunk]) -> None:
+    def _emit(self, key: Hashable, outbox: deque[GenerationChunk]) -> None:
+        """Send a step's chunks at once; what a full pipe refuses waits in `_pending`."""
         identity, rid = key  # type: ignore[misc]
         if rid not in self._live.get(identity, ()):
             outbox.clear()  # its client vanished: the output has nowhere to go
             return
-        queue = self._pending.setdefault(key, deque())
+        if key not in self._pending:  # nothing older waits: send directly (the common case)
+            while outbox:
+                chunk = outbox[0]
+                outcome = self._send_bytes(identity, p.encode_chunk(rid, chunk))
+                if outcome == "full":
+                    break  # the client is slow: coalesce the rest for it
+                outbox.popleft()
+                if outcome == "gone":
+                    outbox.clear()
+                elif chunk.is_final:
+                    self._live.get(identity, set()).discard(rid)
+            if not outbox:
+                return
+        queue = self._pending.get(key)
+        if queue is None:
+            queue = self._pending[key] = deque()
         while outbox:
             chunk = outbox.popleft()
             if queue and not chunk.is_final and not queue[-1].is_final:
@@ -254,7 +298,7 @@ class Worker:
                 continue  # dropped while flushing: its client vanished
             while queue:
                 chunk = queue[0]
-                outcome = self._send(identity, p.Chunk.from_generation_chunk(rid, chunk))
+                outcome = self._send_bytes(identity, p.encode_chunk(rid, chunk))
                 if outcome == "full":
                     break  # the client is slow: keep coalescing for it
                 queue.popleft()
@@ -267,8 +311,14 @@ class Worker:
 
     def _send(self, identity: bytes, msg: Any) -> str:
         """Send without blocking: "sent", "full" (HWM reached) or "gone" (peer vanished)."""
+        return self._send_bytes(identity, p.encode(msg))
+
+    def _send_bytes(self, identity: bytes, data: bytes) -> str:
         try:
-            self.sock.send_multipart([identity, p.encode(msg)], zmq.NOBLOCK)
+            # Two sends are send_multipart without its per-part Python overhead;
+            # ROUTER fails (full or gone) on the first part or not at all.
+            self.sock.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
+            self.sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
             return "full"
         except zmq.ZMQError as exc:
