@@ -33,6 +33,7 @@ from ffai_worker.sequence import RequestRejected
 log = logging.getLogger("ffai_worker")
 
 SERVER_NAME = "ffai-worker/0.1.0"
+MAX_TOKENS_UNCAPPED = 2**31 - 1  # the protocol's own bound on params.max_tokens
 MAX_RECV_PER_TICK = 256  # frames drained before the next step, so decoding never starves
 
 
@@ -245,7 +246,8 @@ class Worker:
         return p.Limits(
             max_message_bytes=self.config.max_message_bytes,
             max_prompt_tokens=min(ctx - 1, cfg.max_prompt_tokens or ctx),
-            max_tokens=cfg.max_tokens_limit or ctx,
+            # Uncapped: any protocol-valid max_tokens; the context still ends it (`length`).
+            max_tokens=cfg.max_tokens_limit or MAX_TOKENS_UNCAPPED,
             max_batch=cfg.max_batch,
             max_queue=cfg.max_queue,
             context_length=ctx,

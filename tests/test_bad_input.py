@@ -7,7 +7,7 @@ import random
 import msgpack
 import pytest
 import zmq
-from conftest import WorkerProcess
+from conftest import TINYSTORIES, WorkerProcess
 
 from ffai_client import protocol as p
 
@@ -143,3 +143,23 @@ def test_fuzzed_frames_never_break_the_worker(raw: zmq.Socket) -> None:
     raw.setsockopt(zmq.RCVTIMEO, 10_000)
     assert terminal == sent  # exactly one terminal frame per request
     assert_serves(raw)
+
+
+def test_advertised_max_tokens_is_enforced(raw: zmq.Socket) -> None:
+    # Uncapped: the protocol's own bound is advertised, and the context ends a long request.
+    info = ask(raw, pack({"v": 1, "type": "info", "id": "i"}))
+    assert info["limits"]["max_tokens"] == 2**31 - 1
+    capped = WorkerProcess(TINYSTORIES, "--max-tokens-limit", "50")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    try:
+        sock.connect(capped.endpoint)
+        info = ask(sock, pack({"v": 1, "type": "info", "id": "i"}))
+        assert info["limits"]["max_tokens"] == 50
+        reply = ask(sock, pack(gen("over", params={"max_tokens": 51})))
+        assert reply["type"] == "error" and reply["code"] == "invalid_parameters", reply
+        assert_serves(sock)
+    finally:
+        sock.close()
+        capped.stop()
