@@ -4,14 +4,19 @@
 
 For each model it starts a real worker process, runs N client processes that
 each stream one generation at once, and reports total generated tokens per
-second of wall time (first request sent → last final chunk). mlx-lm's
-`batch_generate` runs the same N prompts and token counts in this process.
+second of wall time (first request sent → last final chunk; the median of
+`--repeats` rounds alternating with mlx-lm's), after one
+untimed warm-up round at that batch size (a new batch shape traces new
+compiled decode steps once; a long-running worker has them). mlx-lm's
+`batch_generate` runs the same N prompts and token counts in this process,
+after its own warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +120,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--clients", nargs="*", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians")
     args = ap.parse_args()
     from ffai_worker.blas import blas_info
 
@@ -132,8 +138,14 @@ def main() -> None:
         )
         try:
             for n in args.clients:
-                ours = served(endpoint, n, tokens)
-                theirs = mlx_lm_batch(folder, n, tokens, cache)
+                served(endpoint, n, tokens)  # warm-up: traces for this batch size
+                # Alternate, so the machine's drift hits both sides alike.
+                rounds = [
+                    (served(endpoint, n, tokens), mlx_lm_batch(folder, n, tokens, cache))
+                    for _ in range(args.repeats)
+                ]
+                ours = statistics.median(r[0] for r in rounds)
+                theirs = statistics.median(r[1] for r in rounds)
                 base = base or ours
                 print(
                     f"{n:>7} | {ours:>12.1f} | {ours / base:>6.2f} | "

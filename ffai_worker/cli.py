@@ -84,6 +84,13 @@ def main() -> None:
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=None)
 @click.option("--prefill-step-size", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--max-message-bytes", type=click.IntRange(1024), default=16 << 20, show_default=True)
+@click.option(
+    "--stream-interval-ms",
+    type=click.FloatRange(0),
+    default=None,
+    help="Least time between two frames of one stream (0: every token). "
+    "Default: every token, or 20 ms while more than 4 streams run.",
+)
 @click.option("--log-level", default="warning", show_default=True)
 def serve(
     model: str | None,
@@ -97,6 +104,7 @@ def serve(
     max_prompt_tokens: int | None,
     prefill_step_size: int,
     max_message_bytes: int,
+    stream_interval_ms: float | None,
     log_level: str,
 ) -> None:
     """Load a model and serve it on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
@@ -115,7 +123,11 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         prefill_step_size=prefill_step_size,
     )
-    worker = Worker(engine, ServerConfig(endpoint=endpoint, max_message_bytes=max_message_bytes))
+    interval = None if stream_interval_ms is None else stream_interval_ms / 1000.0
+    config = ServerConfig(
+        endpoint=endpoint, max_message_bytes=max_message_bytes, stream_interval_s=interval
+    )
+    worker = Worker(engine, config)
     worker.install_signal_handlers()
     try:
         worker.bind()

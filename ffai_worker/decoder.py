@@ -7,13 +7,14 @@ tinystories-260k, 2-core x86 CPU, one sequence: eager 725 tok/s, compiled
 1190 tok/s (kernels are cached on disk, so only a worker's first-ever step per
 slot count pays the ~2 s build).
 
-Why attention spans the longest row rounded up to `WIDTH_STEP` positions:
-attention is the part of a batched CPU decode that grows with batch size and
-length (tinystories, 16 rows: 2.0 ms/step attending 256 positions, 4.7 ms
-attending 512), so it must not cover the whole allocated cache; rounding keeps
-one trace valid for `WIDTH_STEP` steps (a new width costs a retrace of about a
-millisecond, its kernels come from the cache). The mask hides each row's
-positions past its own length.
+Why attention spans the longest row rounded up (to 32 positions, or 1/16 of
+the width for long rows): attention is the part of a batched CPU decode that
+grows with batch size and length (tinystories, 16 rows: 2.0 ms/step attending
+256 positions, 4.7 ms attending 512), so it must not cover the whole allocated
+cache; rounding keeps one trace valid for many steps (a new width costs a
+retrace of about 5 ms; its kernels come from the on-disk cache), and the
+geometric granularity bounds the traces kept to about a hundred for a 32k
+context. The mask hides each row's positions past its own length.
 
 `FFAI_COMPILE=0` runs the same function eagerly (for debugging, or a machine
 whose MLX cannot build CPU kernels; that is also detected at the first step).
@@ -34,8 +35,14 @@ from ffai_worker.kv_cache import SlotCache
 
 log = logging.getLogger("ffai_worker")
 
-WIDTH_STEP = 32  # attention width granularity, in positions
-MAX_TRACES = 16  # compiled widths kept (each is a traced graph)
+MIN_WIDTH_STEP = 32  # attention width granularity for short rows, in positions
+MAX_TRACES = 128  # compiled widths kept (each a small traced graph; weights are shared)
+
+
+def attention_width(longest: int, capacity: int) -> int:
+    """`longest` positions rounded up to 32, or to 1/16 of their power of two when longer."""
+    step = max(MIN_WIDTH_STEP, 1 << max(0, longest.bit_length() - 5))
+    return min(capacity, -(-longest // step) * step)
 
 
 class _StepView:
@@ -96,7 +103,7 @@ class BatchedDecoder:
         cache = self.cache
         n = cache.active
         write_at = cache.advance(decoding)
-        width = min(cache.capacity, -(-(max(write_at) + 1) // WIDTH_STEP) * WIDTH_STEP)
+        width = attention_width(max(write_at) + 1, cache.capacity)
         positions = mx.array(write_at, dtype=mx.int32)  # (S,)
         slots = len(write_at)
         if slots > n:

@@ -1,24 +1,20 @@
-"""The worker's send fast path and service counters: byte-exact chunks, coalescing, info."""
+"""The worker's send path and service counters: byte-exact chunks, pacing, info."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import threading
-from collections import deque
-from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
-import zmq
-from conftest import WorkerProcess
+from conftest import TINYSTORIES, WorkerProcess
 
 from ffai_client import AsyncClient
 from ffai_client import protocol as p
 from ffai_client.types import GenerationChunk, GenerationParameters, GenerationStats
+from ffai_worker.engine import Engine
 
 VECTORS = Path(__file__).resolve().parents[1] / "protocol" / "vectors"
 
@@ -88,101 +84,6 @@ def test_info_counters_are_optional() -> None:
 # -- the worker's send path, with a scripted socket ---------------------------------------------
 
 
-class FakeSocket:
-    """Records what the worker sends; `mode` makes sends succeed, fill up or find no peer."""
-
-    def __init__(self) -> None:
-        self.mode = "ok"
-        self.sent: list[tuple[bytes, dict[str, Any]]] = []
-        self._identity: bytes | None = None
-
-    def send(self, data: bytes, flags: int = 0) -> None:
-        if self._identity is None:  # the routing-id part
-            if self.mode == "full":
-                raise zmq.Again()
-            if self.mode == "gone":
-                raise zmq.ZMQError(errno.EHOSTUNREACH)
-            assert flags & zmq.SNDMORE
-            self._identity = data
-            return
-        identity, self._identity = self._identity, None
-        self.sent.append((identity, msgpack.unpackb(data)))
-
-
-class FakeEngine:
-    def __init__(self) -> None:
-        self.cancelled: list[Hashable] = []
-
-    def cancel(self, key: Hashable) -> bool:
-        self.cancelled.append(key)
-        return True
-
-
-@pytest.fixture
-def worker() -> Iterator[Any]:
-    from ffai_worker.server import ServerConfig, Worker
-
-    w = Worker(FakeEngine(), ServerConfig(endpoint="ipc:///nonexistent/unused.sock"))  # type: ignore[arg-type]
-    real, w.sock = w.sock, FakeSocket()  # type: ignore[assignment]
-    w._live[b"c1"] = {"a", "b"}
-    yield w
-    real.close(linger=0)
-
-
-def _outbox(*chunks: GenerationChunk) -> deque[GenerationChunk]:
-    return deque(chunks)
-
-
-FINAL = GenerationChunk(
-    text="", tokens=[], position=4, stats=GenerationStats(prompt_tokens=1), finish_reason="length"
-)
-
-
-def test_chunks_go_out_at_once(worker: Any) -> None:
-    worker._emit((b"c1", "a"), _outbox(GenerationChunk(text="x", tokens=[1], position=2)))
-    assert worker.frames_sent == 1 and not worker._pending
-    outbox = _outbox(GenerationChunk(text="y", tokens=[2], position=3), FINAL)
-    worker._emit((b"c1", "a"), outbox)
-    assert not outbox and worker.frames_sent == 3 and not worker._pending
-    assert [m["text"] for _, m in worker.sock.sent] == ["x", "y", ""]
-    assert worker.sock.sent[-1][1]["finish_reason"] == "length"
-    assert worker._live[b"c1"] == {"b"}  # the terminal frame ends the request
-
-
-def test_a_full_pipe_coalesces_until_the_client_reads(worker: Any) -> None:
-    key = (b"c1", "a")
-    worker.sock.mode = "full"
-    for i in range(3):
-        worker._emit(key, _outbox(GenerationChunk(text=f"t{i}", tokens=[i], position=10 + i)))
-    worker._emit(key, _outbox(FINAL))
-    worker._flush_pending()
-    assert worker.sock.sent == [] and worker.frames_sent == 0
-    assert len(worker._pending[key]) == 2  # one coalesced chunk, then the final one
-    worker.sock.mode = "ok"
-    worker._flush_pending()
-    frames = [m for _, m in worker.sock.sent]
-    assert [(m["text"], m["tokens"], m["position"]) for m in frames[:1]] == [
-        ("t0t1t2", [0, 1, 2], 12)
-    ]
-    assert frames[1]["finish_reason"] == "length" and len(frames) == 2
-    assert not worker._pending and worker._live[b"c1"] == {"b"}
-    # With nothing pending any more, the next request's chunks go out directly again.
-    worker._emit((b"c1", "b"), _outbox(GenerationChunk(text="z", tokens=[9], position=1)))
-    assert worker.sock.sent[-1][1]["text"] == "z" and not worker._pending
-
-
-def test_a_vanished_client_is_cancelled(worker: Any) -> None:
-    worker.sock.mode = "gone"
-    outbox = _outbox(GenerationChunk(text="x", tokens=[1], position=2), FINAL)
-    worker._emit((b"c1", "a"), outbox)
-    assert not outbox and not worker._pending and b"c1" not in worker._live
-    assert sorted(worker.engine.cancelled) == [(b"c1", "a"), (b"c1", "b")]
-    # Later output for that client is dropped without a send.
-    worker.sock.mode = "ok"
-    worker._emit((b"c1", "b"), _outbox(GenerationChunk(text="y", tokens=[2], position=3)))
-    assert worker.sock.sent == [] and not worker._pending
-
-
 # -- a real worker -------------------------------------------------------------------------------
 
 
@@ -204,3 +105,26 @@ def test_info_reports_service_counters(tinystories_worker: WorkerProcess) -> Non
     # The chunks plus the first info reply went out in between.
     assert after.frames_sent - before.frames_sent == chunks + 1
     assert 0 < after.service_cpu_s - before.service_cpu_s < 1.0
+
+
+def test_pacing_coalesces_tokens_and_keeps_text_exact() -> None:
+    # A 200 ms stream interval: far longer than a step, so pacing must coalesce.
+    worker = WorkerProcess(TINYSTORIES, "--stream-interval-ms", "200")
+    params = GenerationParameters(temperature=0.0, max_tokens=120, stop_on_eos=False)
+
+    async def run() -> list[GenerationChunk]:
+        async with AsyncClient(worker.endpoint) as client:
+            return [c async for c in client.generate_stream("Hello", parameters=params)]
+
+    try:
+        chunks = asyncio.run(run())
+    finally:
+        worker.stop()
+    engine = Engine.load(TINYSTORIES)
+    expected = engine.generate("Hello", parameters=params)
+    assert len(chunks[0].tokens) == 1  # the first token is never held back
+    assert chunks[-1].is_final and chunks[-1].finish_reason == "length"
+    assert [t for c in chunks for t in c.tokens] == expected.generated_tokens
+    assert "".join(c.text for c in chunks) == expected.text
+    assert len(chunks) < 60  # coalesced: far fewer frames than tokens
+    assert [c.position for c in chunks[:-1]] == sorted({c.position for c in chunks[:-1]})
