@@ -25,6 +25,7 @@ import mlx.core as mx
 from ffai_client.types import GenerationStats
 from ffai_worker.decoder import BatchedDecoder
 from ffai_worker.kv_cache import SlotCache
+from ffai_worker.prefill import prefill_group_logits
 from ffai_worker.sampling import sample_batch
 from ffai_worker.sequence import Phase, RequestRejected, Sequence
 
@@ -116,6 +117,9 @@ class Scheduler:
 
     def _prefill(self, touched: list[Sequence]) -> None:
         budget = self.config.prefill_step_size
+        group = self._fresh_group(budget)
+        if len(group) > 1:
+            budget -= self._prefill_group(group, touched)
         for seq in self.running:
             if budget <= 0:
                 break
@@ -124,6 +128,43 @@ class Scheduler:
             budget -= self._prefill_chunk(seq, budget)
             if seq.outbox or seq.finish_reason is not None:
                 touched.append(seq)
+
+    def _fresh_group(self, budget: int) -> list[Sequence]:
+        """Waiting-to-prefill sequences whose whole prompts fit the budget together."""
+        group: list[Sequence] = []
+        longest = 0
+        for seq in self.running:
+            if seq.phase is not Phase.PREFILL or seq.finish_reason is not None:
+                continue
+            if seq.prefilled or seq.params.prefill_step_size is not None:
+                continue
+            width = max(longest, len(seq.prompt_ids))
+            if width * (len(group) + 1) > budget:  # padded rows cost work too
+                break
+            group.append(seq)
+            longest = width
+        return group
+
+    def _prefill_group(self, group: list[Sequence], touched: list[Sequence]) -> int:
+        """Prefill several whole prompts in one forward; each samples its first token."""
+        t0 = time.perf_counter()
+        slots = [s.slot for s in group]
+        assert all(slot is not None for slot in slots)
+        prompts = [list(s.prompt_ids) for s in group]
+        logits = prefill_group_logits(self.model, self.cache, slots, prompts)  # type: ignore[arg-type]
+        tokens = sample_batch([s.sampler for s in group], logits, [s.history for s in group])
+        mx.eval(tokens, self.cache.keys, self.cache.values)
+        now = time.perf_counter()
+        memory = mx.get_active_memory()
+        for seq, token in zip(group, tokens.tolist(), strict=True):
+            seq.timings.prefill_started = t0
+            seq.timings.prefill_busy_s += now - t0
+            seq.prefilled = len(seq.prompt_ids)
+            seq.phase = Phase.DECODE
+            seq.accept(int(token), now, self.context_length)
+            seq.timings.post_prefill_memory = memory
+            touched.append(seq)
+        return max(len(p) for p in prompts) * len(group)
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         """Run one chunk of `seq`'s prompt; sample its first token after the last chunk."""
