@@ -42,6 +42,14 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # cap below the context length
 
 
+class StepFailed(RuntimeError):
+    """An engine step raised; `keys` are the requests it dropped (all that were live)."""
+
+    def __init__(self, keys: list[Hashable], cause: BaseException) -> None:
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.keys = keys
+
+
 class Engine:
     """One loaded model and the loop that generates from it."""
 
@@ -183,7 +191,11 @@ class Engine:
         return self.scheduler.cancel(key)
 
     def step(self) -> list[Sequence]:
-        return self.scheduler.step()
+        """One scheduler step. If it fails, every live sequence is dropped (StepFailed)."""
+        try:
+            return self.scheduler.step()
+        except Exception as exc:
+            raise StepFailed(self.scheduler.abort_all(), exc) from exc
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -119,6 +119,11 @@ class SlotCache:
         self._slots, self._capacity = new_slots, new_capacity
         mx.eval(self.keys, self.values)
 
+    def reset(self) -> None:
+        """Forget every slot and release the buffers (after a failed step)."""
+        self.lengths = []
+        self._free()
+
     def _free(self) -> None:
         self.keys, self.values = [], []
         self._slots = self._capacity = 0

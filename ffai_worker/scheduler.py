@@ -84,6 +84,22 @@ class Scheduler:
     def get(self, key: Hashable) -> Sequence | None:
         return self._by_key.get(key)
 
+    def abort_all(self) -> list[Hashable]:
+        """Drop every sequence after a failed step (their state cannot be trusted).
+
+        Returns their keys; the KV cache is released, so the next request
+        starts from a clean slate.
+        """
+        dropped = [*self.waiting, *self.running]
+        for seq in dropped:
+            seq.phase, seq.slot = Phase.FINISHED, None
+        self.waiting.clear()
+        self.running.clear()
+        self._by_key.clear()
+        self._inflight = None
+        self.cache.reset()
+        return [seq.key for seq in dropped]
+
     # -- the step ------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Advance every live sequence by at most one token; return those with output."""

@@ -27,7 +27,7 @@ import zmq
 from ffai_client import protocol as p
 from ffai_client.endpoints import ipc_path
 from ffai_client.types import GenerationChunk
-from ffai_worker.engine import Engine
+from ffai_worker.engine import Engine, StepFailed
 from ffai_worker.sequence import RequestRejected
 
 log = logging.getLogger("ffai_worker")
@@ -133,7 +133,12 @@ class Worker:
             self._drain_mailbox()
         if self.engine.has_work():
             before = time.thread_time()
-            touched = self.engine.step()
+            try:
+                touched = self.engine.step()
+            except StepFailed as exc:
+                log.exception("engine step failed; failing its %d requests", len(exc.keys))
+                self._fail_requests(exc.keys, str(exc))
+                touched = []
             step_cpu = time.thread_time() - before
             for seq in touched:
                 if seq.outbox:
@@ -357,6 +362,18 @@ class Worker:
             return "gone"
         self.frames_sent += 1
         return "sent"
+
+    def _fail_requests(self, keys: list[Hashable], message: str) -> None:
+        """End each request with an `internal` error (its held output is dropped)."""
+        for key in keys:
+            identity, rid = key  # type: ignore[misc]
+            live = self._live.get(identity)
+            if live is None or rid not in live:
+                continue
+            live.discard(rid)
+            self._pending.pop(key, None)
+            self._next_send.pop(key, None)
+            self._send(identity, p.Error(id=rid, code="internal", message=message))
 
     def _client_gone(self, identity: bytes) -> None:
         """A vanished client: cancel everything it started and drop its output."""
