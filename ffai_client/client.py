@@ -214,14 +214,18 @@ class AsyncClient:
         if isinstance(msg, p.Welcome):
             self.welcome = msg
             return
-        rid = getattr(msg, "id", None)
+        rid: str | None = getattr(msg, "id", None)
         pending = self._pending.get(rid) if rid is not None else None
-        if pending is None:
+        if pending is None or rid is None:
             return  # a pong, or a frame for a request we abandoned
         if isinstance(msg, p.Error):
             pending.deliver(error_for_code(msg.code, msg.message, msg.id))
+            self._pending.pop(rid, None)  # terminal: the waiter holds its queue or future
         elif isinstance(msg, p.Chunk):
-            pending.deliver(msg.to_generation_chunk())
+            chunk = msg.to_generation_chunk()
+            pending.deliver(chunk)
+            if chunk.is_final:
+                self._pending.pop(rid, None)
         else:
             pending.deliver(msg)
 

@@ -74,10 +74,11 @@ class GenerationStream:
         self._client._forget(self.request_id)
 
     def _abandon(self) -> None:
+        # The consuming task was cancelled: tell the worker at once. The terminal
+        # frame still lands in our queue (then the client forgets the id), so a
+        # later `aclose()` can collect it.
         if not self._done and self._queue is not None:
             self._client.cancel_nowait(self.request_id)
-            self._client._forget(self.request_id)
-        self._done = True
 
     async def cancel(self) -> None:
         """Ask the worker to stop; keep iterating to receive the `cancelled` final chunk."""

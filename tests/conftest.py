@@ -20,7 +20,7 @@ TINYSTORIES = SHARED / "models" / "tinystories-260k"
 TOKENIZERS = SHARED / "tokenizers"
 CHAT_TEMPLATES = SHARED / "chat_templates"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # never download, even if the caller allowed it
 
 
 class WorkerProcess:

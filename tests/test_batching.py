@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Hashable
 from pathlib import Path
 
+import checkpoints
 import pytest
 from conftest import TINYSTORIES, TOKENIZERS
 
@@ -18,22 +19,15 @@ GREEDY = GenerationParameters(temperature=0.0, max_tokens=48, stop_on_eos=False)
 
 
 def build_qwen2(folder: Path) -> Path:
-    """A tiny random Qwen2 with the real Qwen2.5 tokenizer and a long context."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A tiny random Qwen2 (qkv biases) with the real Qwen2.5 tokenizer and a long context.
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
+    checkpoints.py draws weights at 0.1 with random norms and biases: at transformers'
+    default init a greedy row just repeats one token, which would hide per-row KV,
+    rope-offset or mask bugs.
+    """
+    checkpoints.build_qwen2(
+        folder, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True
     )
-    Qwen2ForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZERS / "qwen2.5" / name, folder / name)
     return folder
@@ -90,6 +84,7 @@ def test_batched_greedy_equals_solo(
     engine: Engine = request.getfixturevalue(which)
     requests = prompts_of_different_lengths(engine)
     solo = {k: engine.generate(**kw).generated_tokens for k, kw in requests.items()}
+    assert all(len(set(t)) > 10 for t in solo.values())  # rows that differ, so mixups show
     together = run_all(engine, requests, stagger=stagger)
     assert together == solo
     assert engine.cache.allocated_bytes == 0

@@ -35,6 +35,16 @@ def test_served_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             chat = client.generate(messages=[ChatMessage("user", "Hi")], parameters=params)
             assert len(chat.generated_tokens) == 24
             rendered = client.render([ChatMessage("user", "Hi")])
-            assert rendered.text == "<s><|user|>\nHi<|end|>\n<|assistant|>\n"
     finally:
         worker.stop()
+    # The oracle for the template: transformers on the folder the worker built.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "ffai" / DEMO_NAME))
+    convo = [{"role": "user", "content": "Hi"}]
+    assert rendered.text == hf.apply_chat_template(
+        convo, tokenize=False, add_generation_prompt=True
+    )
+    ids = hf.apply_chat_template(convo, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(rendered.tokens) == list(ids)

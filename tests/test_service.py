@@ -45,7 +45,9 @@ def test_served_output_equals_in_process(tinystories_worker: WorkerProcess) -> N
     import ffai_worker  # noqa: F401
     from ffai_worker.engine import Engine
 
-    local = Engine.load(TINYSTORIES).generate("Once upon a time", parameters=GREEDY)
+    engine = Engine.load(TINYSTORIES)
+    local = engine.generate("Once upon a time", parameters=GREEDY)
+    lily = engine.generate("Lily and Ben", parameters=GREEDY)
     with Client(tinystories_worker.endpoint) as client:
         served = client.generate("Once upon a time", parameters=GREEDY)
         chunks = list(client.generate_stream("Lily and Ben", parameters=GREEDY))
@@ -53,7 +55,8 @@ def test_served_output_equals_in_process(tinystories_worker: WorkerProcess) -> N
     assert served.text == local.text
     assert served.stats.generated_tokens == 120 and served.finish_reason == "length"
     assert chunks[-1].is_final and chunks[-1].stats is not None
-    assert "".join(c.text for c in chunks).startswith(" ")
+    assert [t for c in chunks for t in c.tokens] == lily.generated_tokens
+    assert "".join(c.text for c in chunks) == lily.text and lily.text.startswith(" ")
 
 
 CLIENT_SCRIPT = textwrap.dedent(
@@ -63,8 +66,12 @@ CLIENT_SCRIPT = textwrap.dedent(
     endpoint, prompt = sys.argv[1], sys.argv[2]
     params = GenerationParameters(temperature=0.0, max_tokens=100, stop_on_eos=False)
     with Client(endpoint, timeout=30) as client:
+        client.ping()
+        print("ready", flush=True)
+        sys.stdin.readline()  # all eight start together
         r = client.generate(prompt, parameters=params)
-    print(json.dumps({"tokens": r.generated_tokens, "text": r.text}))
+    out = {"tokens": r.generated_tokens, "text": r.text, "batch": r.stats.max_batch_size}
+    print(json.dumps(out))
     """
 )
 
@@ -79,11 +86,19 @@ def test_eight_client_processes_at_once(tinystories_worker: WorkerProcess) -> No
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CLIENT_SCRIPT, tinystories_worker.endpoint, p],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
         for p in prompts
     ]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    for proc in procs:  # release all eight before waiting on any
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
     outputs = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
+    assert max(out["batch"] for out in outputs) > 1  # they really were decoded together
     engine = Engine.load(TINYSTORIES)
     params = GenerationParameters(temperature=0.0, max_tokens=100, stop_on_eos=False)
     for prompt, out in zip(prompts, outputs, strict=True):
@@ -123,6 +138,8 @@ def test_cancel_frees_the_sequence(slow_worker: WorkerProcess, how: str) -> None
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
+                await stream.aclose()  # collects the terminal frame the cancel caused
+                assert stream.final is not None and stream.final.finish_reason == "cancelled"
             else:
                 chunks = []
                 async for chunk in stream:

@@ -81,9 +81,6 @@ def test_info_counters_are_optional() -> None:
             p.decode_worker(msgpack.packb(dict(new["value"], **bad)))
 
 
-# -- the worker's send path, with a scripted socket ---------------------------------------------
-
-
 # -- a real worker -------------------------------------------------------------------------------
 
 
@@ -104,12 +101,13 @@ def test_info_reports_service_counters(tinystories_worker: WorkerProcess) -> Non
     assert before.service_cpu_s is not None and after.service_cpu_s is not None
     # The chunks plus the first info reply went out in between.
     assert after.frames_sent - before.frames_sent == chunks + 1
-    assert 0 < after.service_cpu_s - before.service_cpu_s < 1.0
+    assert after.service_cpu_s > before.service_cpu_s
 
 
 def test_pacing_coalesces_tokens_and_keeps_text_exact() -> None:
-    # A 200 ms stream interval: far longer than a step, so pacing must coalesce.
-    worker = WorkerProcess(TINYSTORIES, "--stream-interval-ms", "200")
+    # A 10-minute interval: whatever the machine's speed, everything between the
+    # first token (never held) and the final chunk (never held) is one frame.
+    worker = WorkerProcess(TINYSTORIES, "--stream-interval-ms", "600000")
     params = GenerationParameters(temperature=0.0, max_tokens=120, stop_on_eos=False)
 
     async def run() -> list[GenerationChunk]:
@@ -122,9 +120,8 @@ def test_pacing_coalesces_tokens_and_keeps_text_exact() -> None:
         worker.stop()
     engine = Engine.load(TINYSTORIES)
     expected = engine.generate("Hello", parameters=params)
-    assert len(chunks[0].tokens) == 1  # the first token is never held back
+    assert [len(c.tokens) for c in chunks] == [1, 119, 0]
     assert chunks[-1].is_final and chunks[-1].finish_reason == "length"
     assert [t for c in chunks for t in c.tokens] == expected.generated_tokens
     assert "".join(c.text for c in chunks) == expected.text
-    assert len(chunks) < 60  # coalesced: far fewer frames than tokens
-    assert [c.position for c in chunks[:-1]] == sorted({c.position for c in chunks[:-1]})
+    assert chunks[1].position == chunks[2].position == expected.stats.prompt_tokens + 120
