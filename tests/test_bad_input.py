@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -10,6 +12,9 @@ import zmq
 from conftest import TINYSTORIES, WorkerProcess
 
 from ffai_client import protocol as p
+
+INVALID_DIR = Path(__file__).resolve().parents[1] / "protocol" / "vectors" / "invalid"
+INVALID_VECTORS = json.loads((INVALID_DIR / "client_frames.json").read_text("utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +42,11 @@ def gen(rid: str = "g", **fields: object) -> dict:
 
 
 def assert_serves(sock: zmq.Socket) -> None:
-    """A valid request still runs to its final chunk."""
+    """A valid request still runs to its final chunk (and nothing else arrives meanwhile)."""
     sock.send(pack(gen("ok", params={"max_tokens": 5, "temperature": 0.0})))
     while True:
         reply = msgpack.unpackb(sock.recv(), raw=False)
-        assert reply["type"] == "chunk", reply
+        assert reply["type"] == "chunk" and reply["id"] == "ok", reply
         if "stats" in reply:
             assert reply["finish_reason"] in ("stop", "length")
             return
@@ -60,8 +65,22 @@ CASES = [
     ("negative max_tokens", pack(gen(params={"max_tokens": -1})), "invalid_parameters"),
     ("top_p 7", pack(gen(params={"top_p": 7})), "invalid_parameters"),
     ("NaN temperature", pack(gen(params={"temperature": float("nan")})), "invalid_parameters"),
+    # The 2**70 case: msgpack cannot encode ints beyond 2**64-1, so uint64's maximum stands in.
     ("huge integer", pack(gen(params={"max_tokens": 2**64 - 1})), "invalid_parameters"),
-    ("huge seed", pack(gen(params={"seed": 2**64 - 1, "top_k": 2**63})), "invalid_parameters"),
+    # A seed may be up to 2**64-1 (SPEC 6.1): that one is legal, see test_max_seed_is_accepted.
+    ("top_k 2**63", pack(gen(params={"top_k": 2**63})), "invalid_parameters"),
+    ("huge top_k", pack(gen(params={"top_k": 2**64 - 1})), "invalid_parameters"),
+    (
+        "huge repetition_context_size",
+        pack(gen(params={"repetition_context_size": 2**64 - 1})),
+        "invalid_parameters",
+    ),
+    ("huge stop token id", pack(gen(params={"stop_token_ids": [2**64 - 1]})), "invalid_parameters"),
+    (
+        "huge prompt token id",
+        pack({"v": 1, "type": "generate", "id": "t", "tokens": [1, 2**64 - 1]}),
+        "invalid_request",
+    ),
     ("prompt too long", pack(gen(prompt="once upon a time " * 400)), "prompt_too_long"),
     (
         "token out of vocab",
@@ -79,18 +98,63 @@ def test_bad_frame_gets_its_code(raw: zmq.Socket, name: str, data: bytes, code: 
     assert_serves(raw)
 
 
+@pytest.mark.parametrize("case", INVALID_VECTORS, ids=[c["description"] for c in INVALID_VECTORS])
+def test_invalid_vector_over_the_wire(raw: zmq.Socket, case: dict) -> None:
+    """Every frame of protocol/vectors/invalid gets its code (and id, or none) from the worker."""
+    reply = ask(raw, bytes.fromhex(case["msgpack_hex"]))
+    assert reply["type"] == "error" and reply["code"] == case["code"], reply
+    assert reply.get("id") == case["request_id"], reply  # null in the vector: no id (SPEC 11)
+    assert reply["message"]
+    assert_serves(raw)
+
+
+def test_max_seed_is_accepted(raw: zmq.Socket) -> None:
+    """seed's range is 0 ... 2**64-1: the largest one generates, reproducibly."""
+    runs = []
+    for _ in range(2):
+        raw.send(pack(gen("s", params={"max_tokens": 8, "temperature": 1.0, "seed": 2**64 - 1})))
+        tokens = []
+        while True:
+            reply = msgpack.unpackb(raw.recv(), raw=False)
+            assert reply["type"] == "chunk" and reply["id"] == "s", reply
+            tokens += reply["tokens"]
+            if "stats" in reply:
+                break
+        assert reply["stats"]["generated_tokens"] == len(tokens) > 0
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+    assert_serves(raw)
+
+
 def test_duplicate_active_id(raw: zmq.Socket) -> None:
-    raw.send(pack(gen("dup", params={"max_tokens": 300, "temperature": 0.0, "stop_on_eos": False})))
+    params = {"max_tokens": 300, "temperature": 0.0, "stop_on_eos": False}
+    raw.send(pack(gen("dup", params=params)))
     raw.send(pack(gen("dup")))
+    # A ping after the original's final chunk: frames to one client arrive in order, so
+    # everything the worker sends for "dup" (a stray second terminal frame too) comes before it.
     frames = []
+    pinged = False
     while True:
         reply = msgpack.unpackb(raw.recv(), raw=False)
-        frames.append(reply)
-        if reply["type"] == "chunk" and "stats" in reply:
+        if reply["type"] == "pong":
+            assert reply["id"] == "after-dup"
             break
+        frames.append(reply)
+        if reply["type"] == "chunk" and "stats" in reply and not pinged:
+            raw.send(pack({"v": 1, "type": "ping", "id": "after-dup"}))
+            pinged = True
+    assert all(f["id"] == "dup" for f in frames), frames
     errors = [f for f in frames if f["type"] == "error"]
-    assert [e["code"] for e in errors] == ["duplicate_id"] and errors[0]["id"] == "dup"
-    assert sum(1 for f in frames if f["type"] == "chunk" and "stats" in f) == 1
+    assert len(errors) == 1, errors
+    assert errors[0]["code"] == "duplicate_id" and errors[0]["id"] == "dup", errors[0]
+    terminal = [f for f in frames if f["type"] == "chunk" and "stats" in f]
+    assert len(terminal) == 1, terminal  # exactly one terminal frame: the original's
+    # The refused duplicate did not disturb the original: it ran to its full length.
+    final = terminal[0]
+    assert final["finish_reason"] == "length", final
+    streamed = [t for f in frames if f["type"] == "chunk" for t in f["tokens"]]
+    assert len(streamed) == final["stats"]["generated_tokens"] == 300
+    assert_serves(raw)
 
 
 def test_64_mib_message(raw: zmq.Socket) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import checkpoints
 import pytest
 from conftest import TINYSTORIES
 
@@ -20,19 +24,33 @@ def engine() -> Engine:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy() -> dict[str, list[int]]:
+def hf_model() -> Iterator[Any]:
+    """tinystories as a float32 transformers model: the oracle."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: extra threads only add contention
+    yield checkpoints.load_reference(TINYSTORIES)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer() -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(TINYSTORIES / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model: Any, hf_tokenizer: Any) -> dict[str, list[int]]:
     """transformers' greedy continuation (200 tokens, EOS ignored) for each prompt."""
     import torch
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
 
-    tok = Tokenizer.from_file(str(TINYSTORIES / "tokenizer.json"))
-    model = AutoModelForCausalLM.from_pretrained(TINYSTORIES, torch_dtype=torch.float32)
     out = {}
     for prompt in PROMPTS:
-        ids = torch.tensor([tok.encode(prompt).ids])
+        ids = torch.tensor([hf_tokenizer.encode(prompt).ids])
         with torch.no_grad():
-            gen = model.generate(
+            gen = hf_model.generate(
                 ids,
                 max_new_tokens=200,
                 do_sample=False,
@@ -42,6 +60,13 @@ def hf_greedy() -> dict[str, list[int]]:
             )
         out[prompt] = gen[0, ids.shape[1] :].tolist()
     return out
+
+
+def hf_text(hf_tokenizer: Any, prompt: str, generated: list[int]) -> str:
+    """The text `generated` adds after `prompt`, decoded as a whole by the tokenizers library."""
+    full = hf_tokenizer.decode(hf_tokenizer.encode(prompt).ids + generated)
+    assert full.startswith(prompt)
+    return full[len(prompt) :]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -59,10 +84,13 @@ def test_greedy_matches_transformers_and_text_is_exact(
     assert result.finish_reason == "length"
 
 
-def test_leading_space_survives_streaming(engine: Engine) -> None:
+def test_leading_space_survives_streaming(
+    engine: Engine, hf_greedy: dict[str, list[int]], hf_tokenizer: Any
+) -> None:
     chunks = list(engine.generate_stream("Lily and Ben", parameters=GREEDY))
     text = "".join(c.text for c in chunks)
     assert text.startswith(" ")  # "Lily and Ben were ..." keeps its space
+    assert text == hf_text(hf_tokenizer, "Lily and Ben", hf_greedy["Lily and Ben"])
     assert "".join(c.text for c in chunks[:-1]) == text
     final = chunks[-1]
     assert final.is_final and final.text == "" and final.tokens == []
@@ -80,7 +108,73 @@ def test_stop_string_is_never_emitted(engine: Engine) -> None:
     assert text == free[: free.index(stop)]
 
 
-def test_finish_reasons(engine: Engine) -> None:
+def test_multi_token_stop_string_ends_the_stream_at_its_start(
+    engine: Engine, hf_greedy: dict[str, list[int]], hf_tokenizer: Any
+) -> None:
+    """A stop string that starts and ends inside tokens and spans several of them.
+
+    Its first two characters ("ay", in " play") occur earlier, so that text is
+    held back and must still be released; the stream must end exactly where
+    the match starts, on the token that completes it.
+    """
+    prompt, stop = "Once upon a time", "ay, she sa"
+    gen = hf_greedy[prompt]
+    free = hf_text(hf_tokenizer, prompt, gen)  # "..., she saw a big, ..." from transformers
+    start = free.index(stop)
+    end = start + len(stop)
+    ends = [len(hf_text(hf_tokenizer, prompt, gen[:n])) for n in range(len(gen) + 1)]
+    first = next(n for n in range(len(gen)) if ends[n + 1] > start)  # token holding "a" of "ay"
+    last = next(n for n in range(len(gen)) if ends[n + 1] >= end)  # token completing the match
+    assert start not in ends and end not in ends  # straddles token boundaries on both sides
+    assert last - first >= 3 and first >= 20  # several tokens, well into the generation
+    assert stop[:2] in free[:start] and stop[:3] not in free[:start]  # a partial match before
+    params = GenerationParameters(temperature=0.0, max_tokens=200, stop=[stop], stop_on_eos=False)
+    chunks = list(engine.generate_stream(prompt, parameters=params))
+    final = chunks[-1]
+    assert final.is_final and final.finish_reason == "stop"
+    text = "".join(c.text for c in chunks)
+    assert text == free[:start]
+    assert stop not in text and stop[:2] in text  # the partial match was released
+    assert [t for c in chunks for t in c.tokens] == gen[: last + 1]
+
+
+def test_banning_the_first_greedy_token_picks_transformers_second_best(
+    engine: Engine, hf_model: Any, hf_tokenizer: Any
+) -> None:
+    """A -inf logit bias removes a token at every step; the oracle masks it in transformers."""
+    import torch
+
+    for prompt in ("Once upon a time", "The cat"):
+        ids = hf_tokenizer.encode(prompt).ids
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids])).logits[0, -1]
+        top = logits.topk(3)
+        banned, second = int(top.indices[0]), int(top.indices[1])
+        assert top.values[1] - top.values[2] > 0.1  # second-best is not a near tie
+        expected: list[int] = []
+        with torch.no_grad():
+            out = hf_model(torch.tensor([ids]), use_cache=True)
+            for _ in range(24):
+                logits = out.logits[0, -1].clone()
+                logits[banned] = float("-inf")
+                expected.append(int(logits.argmax()))
+                out = hf_model(
+                    torch.tensor([expected[-1:]]),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+        assert expected[0] == second
+        params = GenerationParameters(
+            temperature=0.0,
+            max_tokens=24,
+            stop_on_eos=False,
+            logit_bias={banned: float("-inf")},
+        )
+        result = engine.generate(prompt, parameters=params)
+        assert result.generated_tokens == expected, prompt
+
+
+def test_finish_reasons(engine: Engine, hf_model: Any) -> None:
     # Greedy tinystories runs past 256 tokens from these prompts without an EOS, so
     # "stop" is driven by a stop token id taken from the free-running output.
     prompt = "Once upon a time"
@@ -97,6 +191,9 @@ def test_finish_reasons(engine: Engine) -> None:
     full = engine.generate(tokens=prompt_ids, parameters=GREEDY)
     assert full.finish_reason == "length"
     assert len(prompt_ids) + len(full.generated_tokens) == engine.context_length
+    # Every token, up to the context's last position (511), is transformers' greedy one.
+    n = engine.context_length - len(prompt_ids)
+    assert full.generated_tokens == checkpoints.greedy_reference(hf_model, prompt_ids, n)
 
 
 def test_seeded_sampling_reproduces(engine: Engine) -> None:
