@@ -24,6 +24,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ffai_worker import small_gemm
+
 ENV_VAR = "FFAI_BLAS"
 _OFF = {"off", "reference", "none", "0", "false", "no"}
 _COMMON_PATHS = (
@@ -44,9 +46,11 @@ class BlasState:
     path: str | None = None
     version: str | None = None
     detail: str | None = None  # why this choice, or the library's config string
+    small_gemm: str | None = None  # the decode-step kernel in front of it, if loaded
 
 
 _state: BlasState | None = None
+_kernel: small_gemm.SmallGemm | None = None
 
 
 def _openblas_config(lib: ctypes.CDLL) -> tuple[str | None, str | None]:
@@ -74,11 +78,21 @@ def _candidates() -> list[str]:
 
 
 def _load(path: str) -> BlasState:
+    # Open the BLAS privately first, then the small-M kernel globally, then the BLAS
+    # globally: the global scope is searched in that order, so libmlx's cblas_sgemm
+    # binds to the kernel, which passes other shapes on to the BLAS.
+    lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+    kernel = small_gemm.load_before_blas() if hasattr(lib, "cblas_sgemm") else None
     lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    if kernel is not None:
+        kernel = small_gemm.attach(kernel, lib)
+        global _kernel
+        _kernel = kernel
+    note = None if kernel is None else (kernel.detail if kernel.lib else f"off: {kernel.detail}")
     version, config = _openblas_config(lib)
     if config is not None:
-        return BlasState("openblas", path, version, config)
-    return BlasState("custom", path, None, "no openblas_get_config")
+        return BlasState("openblas", path, version, config, note)
+    return BlasState("custom", path, None, "no openblas_get_config", note)
 
 
 def _choose() -> BlasState:
@@ -114,6 +128,12 @@ def preload_blas() -> BlasState:
     return _state
 
 
+def small_gemm_kernel() -> small_gemm.SmallGemm | None:
+    """The small-M kernel in front of the BLAS, when one was loaded."""
+    preload_blas()
+    return _kernel
+
+
 def blas_state() -> BlasState:
     return preload_blas()
 
@@ -121,10 +141,11 @@ def blas_state() -> BlasState:
 def blas_info() -> str:
     """One line naming the BLAS MLX's CPU matmuls use, e.g. 'openblas 0.3.21 (/usr/lib/...)'."""
     s = blas_state()
+    kernel = f"; small-M kernel: {s.small_gemm}" if s.small_gemm else ""
     if s.kind == "openblas":
-        return f"openblas {s.version or '?'} ({s.path})"
+        return f"openblas {s.version or '?'} ({s.path}){kernel}"
     if s.kind == "custom":
-        return f"custom BLAS ({s.path})"
+        return f"custom BLAS ({s.path}){kernel}"
     if s.kind == "reference":
         return f"reference (bundled with mlx; {s.detail})"
     return f"{s.kind} ({s.detail})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -311,11 +312,12 @@ print(ffai_worker.blas_info())
 """
 
 
-def probe(ffai_blas: str | None) -> tuple[str, str]:
+def probe(ffai_blas: str | None, small_gemm: str = "0") -> tuple[str, str]:
     """blas_info() and the library the dynamic linker bound MLX's cblas_sgemm to."""
     env = {k: v for k, v in os.environ.items() if k != "FFAI_BLAS"}
     if ffai_blas is not None:
         env["FFAI_BLAS"] = ffai_blas
+    env["FFAI_SMALL_GEMM"] = small_gemm
     env["PYTHONPATH"] = str(REPO)
     env["LD_DEBUG"] = "bindings"  # the loader reports every symbol binding on stderr
     done = subprocess.run(
@@ -340,6 +342,46 @@ def test_openblas_is_preloaded_and_used() -> None:
     assert "openblas" not in off_sgemm and "mlx_cpu.libs" in off_sgemm
     info, sgemm = probe(str(OPENBLAS))
     assert info.startswith("openblas ") and Path(sgemm).resolve() == OPENBLAS.resolve()
+
+
+@pytest.mark.skipif(not OPENBLAS.exists() or not shutil.which("cc"), reason="no OpenBLAS or cc")
+def test_small_gemm_kernel_sits_in_front_of_openblas() -> None:
+    info, sgemm = probe(None, small_gemm="8")
+    assert "small-M kernel: M<=8" in info and str(OPENBLAS) in info
+    assert Path(sgemm).name.startswith("small_gemm-")  # libmlx's matmul calls the kernel
+
+
+KERNEL_CHECK = """
+import ffai_worker
+from ffai_worker.blas import small_gemm_kernel
+import mlx.core as mx, numpy as np
+rng = np.random.default_rng(0)
+worst = 0.0
+for m, n, k in [(1, 4864, 896), (3, 896, 4864), (8, 1000, 67), (9, 300, 40), (2, 17, 5)]:
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (n, k), (n,)))
+    got = np.array(mx.addmm(mx.array(b), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0))
+    want = 0.5 * (x.astype(np.float64) @ w.T.astype(np.float64)) + 2.0 * b
+    worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    plain, exact = np.array(mx.array(x) @ mx.array(w).T), x.astype(np.float64) @ w.T
+    worst = max(worst, float(np.abs(plain - exact).max() / np.abs(exact).max()))
+# One row alone or among seven others: bit-identical (batch invariance).
+x, w = rng.standard_normal((8, 896)).astype(np.float32), rng.standard_normal((4864, 896))
+W = mx.array(w.astype(np.float32))
+alone, batched = np.array(mx.array(x[3:4]) @ W.T), np.array(mx.array(x) @ W.T)[3:4]
+print(worst, (alone == batched).all(), *small_gemm_kernel().calls())
+"""
+
+
+@pytest.mark.skipif(not OPENBLAS.exists() or not shutil.which("cc"), reason="no OpenBLAS or cc")
+def test_small_gemm_kernel_is_exact_and_batch_invariant() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FFAI_SMALL_GEMM": "8"}
+    env.pop("FFAI_BLAS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, check=True
+    )
+    worst, invariant, taken, passed = out.stdout.split()
+    assert float(worst) < 1e-4 and invariant == "True"
+    assert int(taken) >= 9 and int(passed) >= 2  # M <= 8 taken; M = 9 passed to OpenBLAS
 
 
 def test_blas_choice_is_recorded_when_mlx_came_first() -> None:
