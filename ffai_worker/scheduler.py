@@ -62,7 +62,11 @@ class Scheduler:
 
     # -- admission and cancel ------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_queue:
+        # Only requests that will really wait count: not those a free slot takes at the
+        # next step, nor waiters already cancelled (they leave at the next step).
+        queued = sum(1 for s in self.waiting if not s.cancel_requested)
+        free_slots = max(0, self.config.max_batch - len(self.running))
+        if queued + 1 - free_slots > self.config.max_queue:
             raise RequestRejected(
                 "busy", f"the waiting queue is full ({self.config.max_queue} requests)"
             )

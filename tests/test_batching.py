@@ -151,3 +151,27 @@ def test_queue_overflow_is_busy_and_cancelling_a_queued_request_frees_its_slot()
         engine.step()
     assert running.finish_reason == "cancelled"
     assert engine.cache.allocated_bytes == 0
+
+
+def test_busy_counts_only_requests_that_will_wait() -> None:
+    params = GenerationParameters(temperature=0.0, max_tokens=50, stop_on_eos=False)
+    # Free slots take new requests at the next step: they never count as queued.
+    engine = Engine.load(TINYSTORIES, config=EngineConfig(max_batch=3, max_queue=0))
+    for key in "abc":
+        engine.submit(engine.new_request(key, prompt="Once", parameters=params))
+    with pytest.raises(RequestRejected) as exc:
+        engine.submit(engine.new_request("d", prompt="Once", parameters=params))
+    assert exc.value.code == "busy"
+    # A cancelled waiter gives its place back at once, before any step removes it.
+    engine = Engine.load(TINYSTORIES, config=EngineConfig(max_batch=1, max_queue=1))
+    engine.submit(engine.new_request("a", prompt="Once", parameters=params))
+    engine.step()
+    engine.submit(engine.new_request("b", prompt="The cat", parameters=params))
+    with pytest.raises(RequestRejected):
+        engine.submit(engine.new_request("c", prompt="The dog", parameters=params))
+    assert engine.cancel("b")
+    late = engine.submit(engine.new_request("c", prompt="The dog", parameters=params))
+    engine.cancel("a")
+    while engine.has_work():
+        engine.step()
+    assert late.finish_reason == "length" and len(late.generated) == 50
