@@ -9,13 +9,16 @@ second of wall time (first request sent → last final chunk; the median of
 untimed warm-up round at that batch size (a new batch shape traces new
 compiled decode steps once; a long-running worker has them). mlx-lm's
 `batch_generate` runs the same N prompts and token counts in this process,
-after its own warm-up.
+after its own warm-up, on the same system OpenBLAS but without the worker's
+small-M matmul kernel (part of our engine, not mlx-lm's; `--peer-kernel`
+gives it to mlx-lm too).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -89,7 +92,9 @@ def mlx_lm_batch(folder: Path, n: int, tokens: int, cache: dict) -> float:
     return n * tokens / elapsed
 
 
-def start_worker(folder: Path, max_batch: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_worker(
+    folder: Path, max_batch: int, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str]:
     endpoint = f"ipc://{tempfile.mkdtemp(prefix='ffai-bench-')}/w.sock"
     proc = subprocess.Popen(
         [
@@ -105,6 +110,7 @@ def start_worker(folder: Path, max_batch: int) -> tuple[subprocess.Popen[bytes],
             str(max_batch),
         ],
         stderr=subprocess.PIPE,
+        env=env,
     )
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -121,14 +127,18 @@ def main() -> None:
     ap.add_argument("--clients", nargs="*", type=int, default=[1, 2, 4, 8, 16])
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians")
+    ap.add_argument("--peer-kernel", action="store_true", help="give mlx-lm our kernel too")
     args = ap.parse_args()
+    worker_env = dict(os.environ)
+    if not args.peer_kernel:
+        os.environ["FFAI_SMALL_GEMM"] = "0"  # this process runs mlx-lm
     from ffai_worker.blas import blas_info
 
-    print(f"BLAS: {blas_info()}")
+    print(f"mlx-lm (this process) BLAS: {blas_info()}")
     defaults = {"tinystories-260k": 200, "qwen2.5-0.5b-random": 24}
     for name, folder in model_set(args.models).items():
         tokens = args.tokens or defaults.get(name, 64)
-        proc, endpoint = start_worker(folder, max(args.clients))
+        proc, endpoint = start_worker(folder, max(args.clients), worker_env)
         cache: dict = {}
         base = None
         print(f"\n{name}: {tokens} tokens per client")

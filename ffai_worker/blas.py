@@ -8,6 +8,9 @@ on the 2-core dev machine (float32): (512, 896) @ (896, 4864) takes 24.7 ms
 instead of 2085 ms (~85x), and a (1, 896) decode-sized product 1.3 ms instead
 of 4.3 ms.
 
+When a system BLAS is chosen, `ffai_worker.small_gemm`'s decode-step kernel is
+loaded in front of it (see that module; `FFAI_SMALL_GEMM=0` turns it off).
+
 `FFAI_BLAS` chooses: unset or "auto" = a system OpenBLAS if one is found,
 "off" / "reference" = keep MLX's bundled BLAS, anything else = the path of a
 BLAS shared library to load. Once MLX is imported the choice is fixed, so this
