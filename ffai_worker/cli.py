@@ -37,7 +37,8 @@ def _load_engine(model: str | None, dtype: str | None, revision: str | None, **c
         f"context {engine.context_length}, {mi.weights_bytes / 2**20:.1f} MiB weights)",
         err=True,
     )
-    click.echo(f"ffai-worker: BLAS: {blas_info()} (FFAI_BLAS=off disables the swap)", err=True)
+    off = "FFAI_BLAS=off, FFAI_SMALL_GEMM=0 turn them off"
+    click.echo(f"ffai-worker: BLAS: {blas_info()} ({off})", err=True)
     for note in mi.notes:
         click.echo(f"ffai-worker: {note}", err=True)
     return engine

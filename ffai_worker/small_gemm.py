@@ -119,7 +119,11 @@ def attach(kernel: SmallGemm, blas: ctypes.CDLL) -> SmallGemm:
         return kernel
     real = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p).value
     init = kernel.lib.ffai_small_gemm_init
-    init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    started = int(init(real, kernel.rows, max(1, min(threads, 16))))
+    try:  # the smallest weight taken, in elements; tests lower it to reach every path
+        smallest = int(os.environ.get("FFAI_SMALL_GEMM_MIN_ELEMENTS", "-1"))
+    except ValueError:
+        smallest = -1
+    started = int(init(real, kernel.rows, max(1, min(threads, 16)), smallest))
     return SmallGemm(kernel.lib, kernel.rows, started, f"M<={kernel.rows}, {started} threads")

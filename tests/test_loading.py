@@ -375,6 +375,7 @@ print(worst, (alone == batched).all(), *small_gemm_kernel().calls())
 @pytest.mark.skipif(not OPENBLAS.exists() or not shutil.which("cc"), reason="no OpenBLAS or cc")
 def test_small_gemm_kernel_is_exact_and_batch_invariant() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "FFAI_SMALL_GEMM": "8"}
+    env["FFAI_SMALL_GEMM_MIN_ELEMENTS"] = "0"  # small shapes too: every tile and tail
     env.pop("FFAI_BLAS", None)
     out = subprocess.run(
         [sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, check=True

@@ -39,6 +39,8 @@ typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 static sgemm_fn real_sgemm;
 static int max_rows = 16;
 static long min_parallel = 1 << 16; /* N * K elements below which one thread does it */
+/* Weights under ~1 MB sit in cache, where OpenBLAS's packed AVX-512 kernels win. */
+static long min_elements = 1 << 18;
 static int n_threads = 1;
 static atomic_long calls_taken, calls_passed;
 
@@ -172,9 +174,11 @@ static void run_parallel(const struct job *j) {
     while (atomic_load_explicit(&pending, memory_order_acquire) > 0) CPU_RELAX();
 }
 
-/* Called once by blas.py: the real sgemm, the largest M taken, and the thread count. */
-int ffai_small_gemm_init(sgemm_fn fallback, int rows, int threads) {
+/* Called once by blas.py: the real sgemm, the largest M taken, the thread count, and
+ * the smallest weight (N * K elements) taken. */
+int ffai_small_gemm_init(sgemm_fn fallback, int rows, int threads, long smallest) {
     real_sgemm = fallback;
+    if (smallest >= 0) min_elements = smallest;
     max_rows = rows < 0 ? 0 : (rows > MAX_ROWS ? MAX_ROWS : rows);
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     for (int t = n_threads; t < threads; t++) {
@@ -191,7 +195,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
                  const float *A, int lda, const float *B, int ldb, float beta, float *C,
                  int ldc) {
     if (order != ROW_MAJOR || trans_a != NO_TRANS || trans_b != TRANS || M > max_rows ||
-        M < 1 || N < 1 || K < 1) {
+        M < 1 || N < 1 || K < 1 || (long)N * K < min_elements) {
         atomic_fetch_add_explicit(&calls_passed, 1, memory_order_relaxed);
         real_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
