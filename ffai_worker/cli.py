@@ -90,7 +90,7 @@ def main() -> None:
     type=click.FloatRange(0),
     default=None,
     help="Least time between two frames of one stream (0: every token). "
-    "Default: every token, or 20 ms while more than 4 streams run.",
+    "Default: every token; while more than 4 streams run, 5 ms x streams (at most 50).",
 )
 @click.option("--log-level", default="warning", show_default=True)
 def serve(
