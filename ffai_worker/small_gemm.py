@@ -28,7 +28,7 @@ from pathlib import Path
 ENV_VAR = "FFAI_SMALL_GEMM"
 DEFAULT_ROWS = 16
 SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=c11"]
 
 
 @dataclass(frozen=True)
