@@ -41,7 +41,9 @@ static int max_rows = 16;
 static long min_parallel = 1 << 16; /* N * K elements below which one thread does it */
 /* Weights under ~1 MB sit in cache, where OpenBLAS's packed AVX-512 kernels win. */
 static long min_elements = 1 << 18;
-static int n_threads = 1;
+static int n_threads = 1;      /* threads running, the caller included */
+static int wanted_threads = 1; /* threads to start on first use */
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static atomic_long calls_taken, calls_passed;
 
 struct job {
@@ -189,13 +191,18 @@ int ffai_small_gemm_init(sgemm_fn fallback, int rows, int threads, long smallest
     real_sgemm = fallback;
     if (smallest >= 0) min_elements = smallest;
     max_rows = rows < 0 ? 0 : (rows > MAX_ROWS ? MAX_ROWS : rows);
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    for (int t = n_threads; t < threads; t++) {
+    wanted_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    return wanted_threads;
+}
+
+/* Threads start with the first product big enough to share: a process that never
+ * runs one (a client, a tiny model) never has them. */
+static void start_pool(void) {
+    for (int t = 1; t < wanted_threads; t++) {
         if (pthread_create(&workers[t], NULL, worker_main, (void *)(intptr_t)t) != 0) break;
         pthread_detach(workers[t]);
         n_threads = t + 1;
     }
-    return n_threads;
 }
 
 long ffai_small_gemm_calls(int taken) { return taken ? calls_taken : calls_passed; }
@@ -211,8 +218,9 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     }
     atomic_fetch_add_explicit(&calls_taken, 1, memory_order_relaxed);
     struct job j = {M, N, K, lda, ldb, ldc, alpha, beta, A, B, C};
-    if (n_threads > 1 && (long)N * K >= min_parallel && N >= 32 * n_threads &&
-        !atomic_flag_test_and_set(&pool_busy)) {
+    int parallel = wanted_threads > 1 && (long)N * K >= min_parallel && N >= 32 * wanted_threads;
+    if (parallel) pthread_once(&pool_once, start_pool);
+    if (parallel && n_threads > 1 && !atomic_flag_test_and_set(&pool_busy)) {
         run_parallel(&j);
         atomic_flag_clear(&pool_busy);
     } else {
