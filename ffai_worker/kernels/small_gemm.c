@@ -2,7 +2,7 @@
  * with A (M, K) a few activation rows and B (N, K) a weight matrix, row-major.
  *
  * Why: MLX calls cblas_sgemm for every matmul. OpenBLAS 0.3.21's sgemm packs the
- * whole weight matrix into panels before multiplying, so a decode step (M = 1..8
+ * whole weight matrix into panels before multiplying, so a decode step (M = 1..16
  * rows) streams each weight about three times; measured on a 545 MB (151936, 896)
  * LM head, 2-core Xeon: sgemm M=1 74.6 ms, M=8 108 ms, against 28.8 ms for one
  * sgemv. Here each weight row is read once from memory and dotted with all M
@@ -59,7 +59,9 @@ struct job {
  * every tile rounds the same way. */
 #if defined(__FMA__) && defined(__AVX__)
 #include <immintrin.h>
-static inline v8 fmadd(v8 a, v8 b, v8 c) { return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+static inline v8 fmadd(v8 a, v8 b, v8 c) {
+    return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
 #else
 static inline v8 fmadd(v8 a, v8 b, v8 c) { return a * b + c; }
 #endif
@@ -83,7 +85,7 @@ static inline float hsum(v8 s) {
             for (int c = 0; c < MB; c++) a[c] = LOAD(A + (size_t)c * j->lda + k);       \
             for (int r = 0; r < NB; r++) {                                              \
                 v8 w = LOAD(W + (size_t)r * j->ldb + k);                                \
-                for (int c = 0; c < MB; c++) s[r][c] = fmadd(a[c], w, s[r][c]);                     \
+                for (int c = 0; c < MB; c++) s[r][c] = fmadd(a[c], w, s[r][c]);        \
             }                                                                           \
         }                                                                               \
         for (int r = 0; r < NB; r++)                                                    \
