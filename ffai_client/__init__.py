@@ -16,8 +16,10 @@ from ffai_client.errors import (
     PromptTooLong,
     ProtocolError,
     RequestError,
+    RequestTimeout,
     ShuttingDown,
     TemplateError,
+    UnsafeEndpoint,
     WorkerUnavailable,
 )
 from ffai_client.stream import GenerationStream
@@ -51,9 +53,11 @@ __all__ = [
     "PromptTooLong",
     "ProtocolError",
     "RequestError",
+    "RequestTimeout",
     "ShuttingDown",
     "SyncGenerationStream",
     "TemplateError",
+    "UnsafeEndpoint",
     "WorkerUnavailable",
     "__version__",
     "default_endpoint",

@@ -2,14 +2,18 @@
 
 The socket is a plain (sync) ZeroMQ socket whose file descriptor is watched by
 the event loop (`loop.add_reader`); each wake-up drains every waiting frame
-and routes it to the request it answers. Measured against pyzmq's asyncio
-socket, which arms a future and walks its event flags per frame, this halves
-the client's CPU per streamed chunk; that matters when many client
-processes share a small machine with the worker. A watchdog
-pings the worker when it has been quiet for `heartbeat_interval` while
-requests are pending, and fails them all with `WorkerUnavailable` once nothing
-has arrived for `timeout` seconds; the socket is then rebuilt, so requests
-queued for the dead worker are dropped and new ones reach a restarted one.
+and routes it to the request it answers (half the CPU per chunk of pyzmq's
+asyncio socket, which matters when many clients share a small machine).
+
+Liveness (SPEC 8) is libzmq's, not ours: ZMTP heartbeats run in libzmq's I/O
+threads on both sides, so a worker busy in a 30 s step still answers them,
+and a socket monitor reports the connection's end. A worker that exits or is
+killed is noticed at once (the kernel closes its end); one that is frozen
+(SIGSTOP, a dead host) after `3 x heartbeat_interval`. Pending requests then
+fail with `WorkerUnavailable` and the socket is rebuilt, so nothing queued for
+the old worker reaches a new one. `timeout` bounds only the wait for a
+connection; `request_timeout` (off by default) bounds the silence of one
+request, for hangs, and is never mistaken for death.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from typing import Any
 import zmq
 
 from ffai_client import protocol as p
-from ffai_client.endpoints import resolve_endpoint
-from ffai_client.errors import ProtocolError, WorkerUnavailable, error_for_code
+from ffai_client.endpoints import check_ipc_endpoint, ipc_path, resolve_endpoint
+from ffai_client.errors import ProtocolError, RequestTimeout, WorkerUnavailable, error_for_code
 from ffai_client.stream import GenerationStream
 from ffai_client.types import (
     ChatMessage,
@@ -36,8 +40,9 @@ from ffai_client.types import (
 )
 
 _POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic is slow on the hot path
-DEFAULT_TIMEOUT = 5.0
-DEFAULT_HEARTBEAT = 1.0
+DEFAULT_TIMEOUT = 5.0  # seconds a request waits for a connection to a worker
+DEFAULT_HEARTBEAT = 1.0  # ZMTP heartbeat interval; a silent peer is dropped after 3 of them
+_MONITOR_EVENTS = int(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
 
 # What a pending request waits on: a queue of items for streams, a future for replies.
 _Item = Any
@@ -46,7 +51,9 @@ _Item = Any
 class _Pending:
     """One request awaiting frames from the worker."""
 
-    def __init__(self, streaming: bool) -> None:
+    def __init__(self, streaming: bool, timeout: float | None) -> None:
+        self.timeout = timeout  # longest silence allowed for this request (None: no limit)
+        self.last_heard = time.monotonic()
         self.queue: asyncio.Queue[_Item] | None = asyncio.Queue() if streaming else None
         self.future: asyncio.Future[Any] | None = (
             None if streaming else asyncio.get_running_loop().create_future()
@@ -63,7 +70,14 @@ class _Pending:
 
 
 class AsyncClient:
-    """Talks to one worker. Safe to share across tasks of one event loop."""
+    """Talks to one worker. Safe to share across tasks of one event loop.
+
+    `timeout`: how long a request may wait for a connection to a worker.
+    `heartbeat_interval`: ZMTP heartbeat period; a frozen worker is dropped
+    after three silent intervals. `request_timeout`: the longest silence one
+    request tolerates before `RequestTimeout` (None: wait as long as the
+    worker is alive).
+    """
 
     def __init__(
         self,
@@ -71,20 +85,23 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
+        request_timeout: float | None = None,
     ) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
-        self.heartbeat_interval = min(heartbeat_interval, timeout / 2)
+        self.heartbeat_interval = heartbeat_interval
+        self.request_timeout = request_timeout
         self.welcome: p.Welcome | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-{os.urandom(3).hex()}"
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_heard = time.monotonic()
-        self._last_ping = 0.0
+        self._connected = False
+        self._unconnected_since = time.monotonic()  # start of the current wait for a worker
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -125,29 +142,61 @@ class AsyncClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.IPV6, 1)
+        ivl = max(1, int(self.heartbeat_interval * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(self.endpoint)
-        self._sock = sock
+        self._sock, self._monitor = sock, monitor
+        self._connected = False
+        self._unconnected_since = time.monotonic()
         self._loop.add_reader(sock.fileno(), self._drain)
+        self._loop.add_reader(monitor.fileno(), self._drain_monitor)
+        # Monitor events may already be queued (the descriptor is edge-triggered).
+        self._loop.call_soon(self._drain_monitor)
         self._send_nowait(p.Hello(client=f"ffai_client/{os.getpid()}"))
 
     def _close_socket(self, linger: int) -> None:
         sock, self._sock = self._sock, None
+        monitor, self._monitor = self._monitor, None
+        self._connected = False
+        live_loop = self._loop is not None and not self._loop.is_closed()
+        if monitor is not None:
+            if live_loop:
+                self._loop.remove_reader(monitor.fileno())  # type: ignore[union-attr]
+            if sock is not None:
+                sock.disable_monitor()
+            monitor.close(linger=0)
         if sock is None:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(sock.fileno())
+        if live_loop:
+            self._loop.remove_reader(sock.fileno())  # type: ignore[union-attr]
         sock.close(linger=linger)
 
     # -- plumbing --------------------------------------------------------------
     def new_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
-    def _register(self, request_id: str, streaming: bool) -> _Pending:
-        if not self._pending:
-            self._last_heard = time.monotonic()  # the silence clock starts with the first request
-        pending = _Pending(streaming)
+    def _register(self, request_id: str, streaming: bool, timeout: float | None = None) -> _Pending:
+        self._drain_monitor()  # a worker that went away while we were idle is news now
+        if not self._connected:
+            self._check_reachable()
+        pending = _Pending(streaming, self.request_timeout if timeout is None else timeout)
         self._pending[request_id] = pending
         return pending
+
+    def _check_reachable(self) -> None:
+        """Fail at once where waiting cannot help: no socket file, or an unsafe one."""
+        path = ipc_path(self.endpoint)
+        if path is None:
+            return
+        check_ipc_endpoint(self.endpoint)
+        if not path.exists():
+            raise WorkerUnavailable(
+                f"no worker at {self.endpoint}; start one with `ffai-worker serve`"
+            )
 
     def _forget(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
@@ -177,12 +226,14 @@ class AsyncClient:
         finally:
             self._forget(msg.id)
 
-    def start_stream(self, msg: p.Generate) -> asyncio.Queue[_Item]:
+    def start_stream(
+        self, msg: p.Generate, request_timeout: float | None = None
+    ) -> asyncio.Queue[_Item]:
         """Register a generate and send it; returns the queue its frames arrive on."""
         self._ensure_started()
         if msg.id in self._pending:
             raise ValueError(f"request id {msg.id!r} is already in use on this client")
-        pending = self._register(msg.id, streaming=True)
+        pending = self._register(msg.id, streaming=True, timeout=request_timeout)
         assert pending.queue is not None
         self._send_nowait(msg)
         return pending.queue
@@ -201,8 +252,27 @@ class AsyncClient:
                 return
             except zmq.ZMQError:
                 return  # closed under us: the watchdog rebuilds it if needed
-            self._last_heard = time.monotonic()
             self._route(data)
+
+    def _drain_monitor(self) -> None:
+        """Track the connection: a handshake means a worker; a disconnect means it is gone."""
+        monitor = self._monitor
+        while monitor is not None and monitor is self._monitor:
+            try:
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                return
+            event = int.from_bytes(frames[0][:2], "little")  # ZMTP monitor frame: u16 event
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+            elif event == zmq.EVENT_DISCONNECTED and self._connected:
+                self._worker_lost(f"the worker at {self.endpoint} went away")
+                return  # the monitor was replaced with the socket
+
+    def _worker_lost(self, reason: str) -> None:
+        """Fail every pending request and rebuild the socket for the next worker."""
+        self._fail_all(WorkerUnavailable(reason))
+        self._reset_socket()
 
     def _route(self, data: bytes) -> None:
         try:
@@ -218,6 +288,7 @@ class AsyncClient:
         pending = self._pending.get(rid) if rid is not None else None
         if pending is None or rid is None:
             return  # a pong, or a frame for a request we abandoned
+        pending.last_heard = time.monotonic()
         if isinstance(msg, p.Error):
             pending.deliver(error_for_code(msg.code, msg.message, msg.id))
             self._pending.pop(rid, None)  # terminal: the waiter holds its queue or future
@@ -230,25 +301,26 @@ class AsyncClient:
             pending.deliver(msg)
 
     async def _watchdog(self) -> None:
+        """Enforce the two clocks liveness leaves to us: connecting, and per-request silence."""
         while True:
-            await asyncio.sleep(min(0.1, self.heartbeat_interval / 4))
+            await asyncio.sleep(0.05)
             if not self._pending:
                 continue
+            self._drain_monitor()  # a safety net for an edge the descriptor did not report
             now = time.monotonic()
-            silence = now - self._last_heard
-            if silence > self.timeout:
-                self._fail_all(
-                    WorkerUnavailable(
-                        f"no answer from the worker at {self.endpoint} for {silence:.1f} s"
-                    )
+            if not self._connected and now - self._unconnected_since > self.timeout:
+                self._worker_lost(
+                    f"could not reach a worker at {self.endpoint} in {self.timeout} s"
                 )
-                self._reset_socket()
-            elif (
-                silence > self.heartbeat_interval
-                and now - self._last_ping > self.heartbeat_interval
-            ):
-                self._last_ping = now
-                self._send_nowait(p.Ping(id=None))
+                continue
+            for request_id, pending in list(self._pending.items()):
+                limit = pending.timeout
+                if limit is not None and now - pending.last_heard > limit:
+                    self._pending.pop(request_id, None)
+                    self.cancel_nowait(request_id)  # harmless if it was not a generate
+                    pending.deliver(
+                        RequestTimeout(f"no frame for request {request_id} in {limit} s")
+                    )
 
     def _fail_all(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}
@@ -271,11 +343,13 @@ class AsyncClient:
         options: ChatTemplateOptions | None = None,
         add_special_tokens: bool = True,
         request_id: str | None = None,
+        request_timeout: float | None = None,
     ) -> GenerationStream:
         """Stream a generation: `async for chunk in client.generate_stream(...)`.
 
         Also an async context manager. Breaking out, `aclose()`, leaving the
         `async with`, or cancelling the task sends a cancel to the worker.
+        `request_timeout` overrides the client's limit on this stream's silence.
         """
         given = sum(x is not None for x in (prompt, messages, tokens))
         if given != 1:
@@ -289,7 +363,7 @@ class AsyncClient:
             options=options,
             add_special_tokens=add_special_tokens,
         )
-        return GenerationStream(self, msg)
+        return GenerationStream(self, msg, request_timeout)
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
         """Run a generation to the end and collect it (a collector over generate_stream)."""

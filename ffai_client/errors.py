@@ -3,7 +3,9 @@
 ::
 
     FFAIError                      anything this library raises on purpose
-    ├── WorkerUnavailable          no worker answered within the timeout, or it died
+    ├── WorkerUnavailable          no worker there, it died, or no connection within the timeout
+    │   ├── RequestTimeout         the worker is alive but one request got no frame in time
+    │   └── UnsafeEndpoint         the ipc socket's directory or file may belong to someone else
     ├── ProtocolError              the worker sent something this client cannot parse
     └── RequestError               the worker refused or failed one request (.code, .request_id)
         ├── InvalidRequest         bad_frame, unsupported_version, unknown_type,
@@ -43,6 +45,14 @@ class FFAIError(Exception):
 
 class WorkerUnavailable(FFAIError):
     """The worker did not answer in time, went away, or was never there."""
+
+
+class RequestTimeout(WorkerUnavailable):
+    """A live worker sent nothing for one request within its `request_timeout`."""
+
+
+class UnsafeEndpoint(WorkerUnavailable):
+    """The ipc socket's directory or file is not safely this user's: connecting could leak."""
 
 
 class ProtocolError(FFAIError):
@@ -119,8 +129,10 @@ __all__ = [
     "PromptTooLong",
     "ProtocolError",
     "RequestError",
+    "RequestTimeout",
     "ShuttingDown",
     "TemplateError",
+    "UnsafeEndpoint",
     "WorkerUnavailable",
     "error_for_code",
 ]

@@ -22,9 +22,12 @@ class GenerationStream:
     cancel, so the worker stops that sequence at its next token boundary.
     """
 
-    def __init__(self, client: AsyncClient, request: p.Generate) -> None:
+    def __init__(
+        self, client: AsyncClient, request: p.Generate, request_timeout: float | None = None
+    ) -> None:
         self._client = client
         self._request = request
+        self._request_timeout = request_timeout
         self._queue: asyncio.Queue[Any] | None = None
         self._done = False
         self.final: GenerationChunk | None = None  # the terminal chunk, once seen
@@ -35,7 +38,7 @@ class GenerationStream:
 
     def _start(self) -> asyncio.Queue[Any]:
         if self._queue is None:
-            self._queue = self._client.start_stream(self._request)
+            self._queue = self._client.start_stream(self._request, self._request_timeout)
         return self._queue
 
     async def __aenter__(self) -> GenerationStream:

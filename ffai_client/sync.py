@@ -34,11 +34,17 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
+        request_timeout: float | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="ffai")
         self._thread.start()
-        self._async = AsyncClient(endpoint, timeout=timeout, heartbeat_interval=heartbeat_interval)
+        self._async = AsyncClient(
+            endpoint,
+            timeout=timeout,
+            heartbeat_interval=heartbeat_interval,
+            request_timeout=request_timeout,
+        )
         self.endpoint = self._async.endpoint
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -19,13 +19,15 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import zmq
 
 from ffai_client import protocol as p
-from ffai_client.endpoints import ipc_path
+from ffai_client.endpoints import check_socket_dir, check_socket_file, ipc_path, runtime_dir
+from ffai_client.errors import UnsafeEndpoint
 from ffai_client.types import GenerationChunk
 from ffai_worker.engine import Engine, StepFailed
 from ffai_worker.sequence import RequestRejected
@@ -35,6 +37,12 @@ log = logging.getLogger("ffai_worker")
 SERVER_NAME = "ffai-worker/0.1.0"
 MAX_TOKENS_UNCAPPED = 2**31 - 1  # the protocol's own bound on params.max_tokens
 MAX_RECV_PER_TICK = 256  # frames drained before the next step, so decoding never starves
+# Replies that must arrive wait here while a client's pipe is full; a client that
+# lets more than this pile up is not reading and is treated as gone (SPEC 3.2).
+MAX_QUEUED_REPLIES = 100_000
+MAX_QUEUED_REPLY_BYTES = 64 << 20
+SEND_RETRY_POLL_MS = 5  # idle wait while only a full pipe holds output back
+SHUTDOWN_FLUSH_S = 2.0  # how long a stopping worker keeps offering queued replies
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class Worker:
         self._pending: dict[Hashable, deque[GenerationChunk]] = {}
         self._live: dict[bytes, set[str]] = {}  # identity → ids of accepted generates
         self._next_send: dict[Hashable, float] = {}  # key → when its next frame may go
+        # identity → encoded replies (errors, pongs, info…) its full pipe refused, and their bytes
+        self._replies: dict[bytes, deque[bytes]] = {}
+        self._reply_bytes: dict[bytes, int] = {}
         # Service counters, reported by `info`: frames sent, and CPU seconds of
         # this (actor) thread spent in the loop outside `engine.step()`.
         self.frames_sent = 0
@@ -87,18 +98,22 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
-        if endpoint.startswith("tcp://"):
-            # ZMTP heartbeats find half-open TCP peers that never send a FIN.
-            ivl = int(self.config.heartbeat_interval_s * 1000)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-            sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port binds like 127.0.0.1
+        # ZMTP heartbeats on every transport: libzmq's I/O thread answers them
+        # while a step runs, and they find half-open or frozen peers.
+        ivl = int(self.config.heartbeat_interval_s * 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
+        prepare_endpoint(endpoint)
         path = ipc_path(endpoint)
+        old_umask = os.umask(0o177)  # the socket file is born 0600, whatever the umask
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old_umask)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if path.exists():
-                _refuse_if_live(endpoint, path)
-        sock.bind(endpoint)
+            os.chmod(path, 0o600)
 
     def stop(self) -> None:
         self._stopping = True
@@ -127,9 +142,11 @@ class Worker:
         # starts where the previous one ended, so three clock reads suffice.
         start = self._tick_cpu0
         step_cpu = 0.0
-        if self.engine.has_work() or self._pending:
+        if self.engine.has_work():
             # Busy: one cheap getsockopt instead of a zero-timeout poll.
             ready = self.sock.get(zmq.EVENTS) & zmq.POLLIN
+        elif self._pending or self._replies:
+            ready = self.sock.poll(SEND_RETRY_POLL_MS, zmq.POLLIN)  # a slow reader: retry soon
         else:
             ready = self.sock.poll(self.config.idle_poll_ms, zmq.POLLIN)
         if ready:
@@ -148,6 +165,8 @@ class Worker:
                     self._emit(seq.key, seq.outbox)
         if self._pending:
             self._flush_pending()
+        if self._replies:
+            self._flush_replies()
         end = self._tick_cpu0 = time.thread_time()
         self.service_cpu_s += end - start - step_cpu
 
@@ -167,6 +186,10 @@ class Worker:
         self._live.clear()
         while self.engine.has_work():
             self.engine.step()
+        deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+        while self._replies and time.monotonic() < deadline:
+            self._flush_replies()
+            time.sleep(SEND_RETRY_POLL_MS / 1000)
 
     # -- receiving -------------------------------------------------------------
     def _drain_mailbox(self) -> None:
@@ -348,9 +371,37 @@ class Worker:
             return 0.0
         return min(AUTO_PACE_MAX_S, AUTO_PACE_PER_STREAM_S * streams)
 
-    def _send(self, identity: bytes, msg: Any) -> str:
-        """Send without blocking: "sent", "full" (HWM reached) or "gone" (peer vanished)."""
-        return self._send_bytes(identity, p.encode(msg))
+    def _send(self, identity: bytes, msg: Any) -> None:
+        """Send a reply that must arrive; a full pipe queues it behind earlier ones."""
+        data = p.encode(msg)
+        queue = self._replies.get(identity)
+        if queue is None:
+            if self._send_bytes(identity, data) != "full":
+                return  # sent, or its client is gone (and nobody is left to tell)
+            queue = self._replies[identity] = deque()
+        size = self._reply_bytes.get(identity, 0) + len(data)
+        if len(queue) >= MAX_QUEUED_REPLIES or size > MAX_QUEUED_REPLY_BYTES:
+            log.warning(
+                "client %s reads nothing (%d replies queued): dropped", identity.hex(), len(queue)
+            )
+            self._client_gone(identity)
+            return
+        queue.append(data)
+        self._reply_bytes[identity] = size
+
+    def _flush_replies(self) -> None:
+        for identity in list(self._replies):
+            queue = self._replies.get(identity)
+            while queue:
+                outcome = self._send_bytes(identity, queue[0])
+                if outcome == "full":
+                    break
+                if outcome == "gone":
+                    break  # _client_gone dropped the queue
+                self._reply_bytes[identity] -= len(queue.popleft())
+            if not queue:
+                self._replies.pop(identity, None)
+                self._reply_bytes.pop(identity, None)
 
     def _send_bytes(self, identity: bytes, data: bytes) -> str:
         try:
@@ -382,6 +433,8 @@ class Worker:
 
     def _client_gone(self, identity: bytes) -> None:
         """A vanished client: cancel everything it started and drop its output."""
+        self._replies.pop(identity, None)
+        self._reply_bytes.pop(identity, None)
         for rid in self._live.pop(identity, set()):
             self.engine.cancel((identity, rid))
             self._pending.pop((identity, rid), None)
@@ -392,7 +445,36 @@ def _coalesce(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
     return GenerationChunk(text=a.text + b.text, tokens=a.tokens + b.tokens, position=b.position)
 
 
-def _refuse_if_live(endpoint: str, path: Any) -> None:
+def prepare_endpoint(endpoint: str) -> None:
+    """Make an ipc endpoint safe to bind, before anything slow (the model) loads.
+
+    Creates the socket's directory 0700 (the default one, or a missing one),
+    refuses a directory or socket file another user could control, refuses
+    an endpoint a live worker serves, and removes a stale socket file.
+    Raises `EndpointUnusable` with the path and the fix.
+    """
+    path = ipc_path(endpoint)
+    if path is None:
+        return
+    directory = path.parent
+    private = directory == runtime_dir()
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    try:
+        check_socket_dir(directory, private=private)
+        check_socket_file(path)
+    except UnsafeEndpoint as exc:
+        raise EndpointUnusable(str(exc)) from None
+    if path.exists():
+        _refuse_if_live(endpoint, path)
+
+
+class EndpointUnusable(RuntimeError):
+    """The endpoint cannot be served: unsafe, or another worker already serves it."""
+
+
+def _refuse_if_live(endpoint: str, path: Path) -> None:
     """Remove a stale socket file, but never steal the endpoint of a running worker."""
     probe = zmq.Context.instance().socket(zmq.DEALER)
     probe.setsockopt(zmq.LINGER, 0)
@@ -400,10 +482,11 @@ def _refuse_if_live(endpoint: str, path: Any) -> None:
         probe.connect(endpoint)
         probe.send(p.encode(p.Ping(id="probe")), zmq.NOBLOCK)
         if probe.poll(300, zmq.POLLIN):
-            raise RuntimeError(f"another worker is already serving {endpoint}")
+            raise EndpointUnusable(
+                f"another worker is already serving {endpoint}; stop it or pick another --endpoint"
+            )
     except zmq.Again:
         pass
     finally:
         probe.close()
-    os.unlink(path)
-    time.sleep(0)
+    path.unlink(missing_ok=True)
