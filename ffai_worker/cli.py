@@ -13,20 +13,20 @@ import click
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.endpoints import default_endpoint
 
-MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in demo model)."
+MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in tinystories-260k)."
 DTYPE_CHOICES = click.Choice(["float32", "float16", "bfloat16"])
 
 
 def _load_engine(model: str | None, dtype: str | None, revision: str | None, **config: Any) -> Any:
     """Load the engine, printing what runs (BLAS, dtype, notes) to stderr."""
     from ffai_worker.blas import blas_info
-    from ffai_worker.demo_model import NOISE_WARNING, ensure_demo_model
+    from ffai_worker.builtin_model import BUILTIN_MODEL_DIR, BUILTIN_MODEL_NOTE
     from ffai_worker.engine import Engine, EngineConfig
     from ffai_worker.loading import ModelLoadError
 
     if model is None:
-        click.echo(f"ffai-worker: {NOISE_WARNING}", err=True)
-        model = str(ensure_demo_model())
+        click.echo(f"ffai-worker: {BUILTIN_MODEL_NOTE}", err=True)
+        model = str(BUILTIN_MODEL_DIR)
     try:
         engine = Engine.load(model, dtype=dtype, revision=revision, config=EngineConfig(**config))
     except ModelLoadError as exc:
