@@ -125,6 +125,7 @@ class AsyncClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.IPV6, 1)  # else libzmq cannot reach tcp://[::1]:port
         sock.connect(self.endpoint)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._drain)

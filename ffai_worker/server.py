@@ -88,6 +88,7 @@ class Worker:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         if endpoint.startswith("tcp://"):
+            sock.setsockopt(zmq.IPV6, 1)  # else libzmq cannot bind tcp://[::1]:port
             # ZMTP heartbeats find half-open TCP peers that never send a FIN.
             ivl = int(self.config.heartbeat_interval_s * 1000)
             sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
