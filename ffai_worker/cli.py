@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
+import socket
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import click
 
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
-from ffai_client.endpoints import default_endpoint
+from ffai_client.endpoints import ENDPOINT_ENV, default_endpoint, ipc_path
 
 MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in demo model)."
+ENDPOINT_HELP = f"ZeroMQ endpoint to bind [default: ${ENDPOINT_ENV}, else {default_endpoint()}]"
 DTYPE_CHOICES = click.Choice(["float32", "float16", "bfloat16"])
+DTYPE_HELP = "Weights dtype. Default: the fastest for this device."
+REVISION_HELP = "Hub revision (branch, tag or commit)."
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 
 
 def _load_engine(model: str | None, dtype: str | None, revision: str | None, **config: Any) -> Any:
@@ -27,6 +35,10 @@ def _load_engine(model: str | None, dtype: str | None, revision: str | None, **c
     if model is None:
         click.echo(f"ffai-worker: {NOISE_WARNING}", err=True)
         model = str(ensure_demo_model())
+    elif Path(model).expanduser().is_dir():
+        # `info` reports this path: absolute, so it means the same to every client.
+        # (abspath, not resolve: a path through a symlink stays the one the user gave.)
+        model = os.path.abspath(Path(model).expanduser())
     try:
         engine = Engine.load(model, dtype=dtype, revision=revision, config=EngineConfig(**config))
     except ModelLoadError as exc:
@@ -61,6 +73,44 @@ def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
     )
 
 
+def _preflight_endpoint(endpoint: str) -> None:
+    """Refuse an endpoint another worker serves before the model loads, not after."""
+    path = ipc_path(endpoint)
+    try:
+        if path is not None and path.exists():
+            from ffai_worker.server import _refuse_if_live
+
+            _refuse_if_live(endpoint, path)  # removes a stale socket file
+        elif endpoint.startswith("tcp://"):
+            _refuse_if_port_taken(endpoint)
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(f"cannot bind {endpoint}: {exc}") from None
+
+
+def _refuse_if_port_taken(endpoint: str) -> None:
+    """Raise if a listener holds the tcp port; anything this probe cannot judge (an
+    interface name, a wildcard port) is left to the real bind."""
+    url = urlparse(endpoint)
+    try:
+        host, port = url.hostname or "", url.port
+    except ValueError:
+        return
+    if not port:
+        return
+    host = "" if host == "*" else host
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # Linux refuses SO_REUSEADDR binds only while a socket listens: a port left in
+    # TIME_WAIT by a stopped worker passes, as it does for zmq's own bind.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise RuntimeError("the address is in use (another worker?)") from None
+    finally:
+        probe.close()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ffai")
 def main() -> None:
@@ -69,22 +119,47 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
-@click.option(
-    "--endpoint", default=None, help=f"ZeroMQ endpoint to bind [default: {default_endpoint()}]"
-)
+@click.option("--endpoint", default=None, envvar=ENDPOINT_ENV, help=ENDPOINT_HELP)
 @click.option(
     "--allow-remote", is_flag=True, help="Allow a tcp endpoint on a non-loopback address."
 )
+@click.option("--dtype", type=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+@click.option("--revision", default=None, help=REVISION_HELP)
 @click.option(
-    "--dtype", type=DTYPE_CHOICES, default=None, help="Default: the fastest for this device."
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Sequences decoded together in one step.",
 )
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
-@click.option("--max-queue", type=click.IntRange(0, 100_000), default=64, show_default=True)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(0, 100_000),
+    default=64,
+    show_default=True,
+    help="Requests waiting beyond the batch; one more is answered `busy`.",
+)
 @click.option("--max-tokens-limit", type=click.IntRange(1), default=None, help="Cap on max_tokens.")
-@click.option("--max-prompt-tokens", type=click.IntRange(1), default=None)
-@click.option("--prefill-step-size", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--max-message-bytes", type=click.IntRange(1024), default=16 << 20, show_default=True)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="Longest prompt accepted, in tokens. Default: the context length.",
+)
+@click.option(
+    "--prefill-step-size",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Prompt tokens prefilled per step, so a long prompt never freezes other streams.",
+)
+@click.option(
+    "--max-message-bytes",
+    type=click.IntRange(1024),
+    default=16 << 20,
+    show_default=True,
+    help="Largest request frame accepted.",
+)
 @click.option(
     "--stream-interval-ms",
     type=click.FloatRange(0),
@@ -92,7 +167,9 @@ def main() -> None:
     help="Least time between two frames of one stream (0: every token). "
     "Default: every token; while more than 4 streams run, 5 ms x streams (at most 50).",
 )
-@click.option("--log-level", default="warning", show_default=True)
+@click.option(
+    "--log-level", type=LOG_LEVELS, default="warning", show_default=True, help="Logging threshold."
+)
 def serve(
     model: str | None,
     endpoint: str | None,
@@ -114,6 +191,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     endpoint = endpoint or default_endpoint()
     _check_endpoint(endpoint, allow_remote)
+    _preflight_endpoint(endpoint)
     engine = _load_engine(
         model,
         dtype,
@@ -141,8 +219,8 @@ def serve(
 
 @main.command()
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
-@click.option("--dtype", type=DTYPE_CHOICES, default=None)
-@click.option("--revision", default=None)
+@click.option("--dtype", type=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+@click.option("--revision", default=None, help=REVISION_HELP)
 @sampling_options
 @click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
 @click.argument("prompt")
