@@ -16,6 +16,7 @@ import click
 
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.endpoints import ENDPOINT_ENV, default_endpoint, ipc_path
+from ffai_worker import service_install as si
 
 MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in demo model)."
 ENDPOINT_HELP = f"ZeroMQ endpoint to bind [default: ${ENDPOINT_ENV}, else {default_endpoint()}]"
@@ -244,6 +245,91 @@ def generate(
     sys.stdout.write("\n")
     if stats and final is not None and final.stats is not None:
         click.echo(final.stats.formatted(), err=True)
+
+
+# -- ffai-worker service ----------------------------------------------------------------
+KIND_HELP = "systemd user unit (Linux) or launchd agent (macOS). Default: this platform's."
+_KIND = click.option(
+    "--kind", type=click.Choice(si.KINDS), default=si.default_kind(), help=KIND_HELP
+)
+_RESERVED = ("--model", "-m", "--endpoint")
+
+
+@main.group()
+def service() -> None:
+    """Run the worker as a per-user service that starts at login."""
+
+
+@service.command(context_settings={"ignore_unknown_options": True})
+@click.option("--model", "-m", default=None, help=MODEL_HELP + " A local folder is made absolute.")
+@click.option(
+    "--endpoint",
+    default=None,
+    envvar=ENDPOINT_ENV,
+    help=f"Endpoint the service binds [default: ${ENDPOINT_ENV}, else the worker's default].",
+)
+@_KIND
+@click.option(
+    "--dry-run", "--print", "dry_run", is_flag=True, help="Print the unit; write nothing."
+)
+@click.argument("serve_options", nargs=-1, type=click.UNPROCESSED)
+def install(
+    model: str | None,
+    endpoint: str | None,
+    kind: str,
+    dry_run: bool,
+    serve_options: tuple[str, ...],
+) -> None:
+    """Write the service file; it runs this Python with `ffai_worker.cli serve`.
+
+    SERVE_OPTIONS after `--` go to `serve` as given, e.g.
+    `ffai-worker service install -m ./model -- --max-batch 8`.
+    """
+    for word in serve_options:
+        if word.split("=", 1)[0] in _RESERVED:
+            raise click.UsageError(
+                f"give {word.split('=', 1)[0]} before `--`, not among the serve options"
+            )
+    try:
+        model = None if model is None else si.absolute_model(model)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    argv = si.serve_argv(sys.executable, model, endpoint, serve_options)
+    try:
+        # Parse exactly what the service will run, so a typo fails here, not at login.
+        ctx = serve.make_context("serve", argv[4:])
+    except click.UsageError as exc:
+        raise click.UsageError(f"serve options: {exc.format_message()}") from None
+    if endpoint is not None:
+        _check_endpoint(endpoint, bool(ctx.params["allow_remote"]))
+    try:
+        content = si.render(kind, argv)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if dry_run:
+        click.echo(content.decode(), nl=False)
+        return
+    for line in si.install(kind, content).lines:
+        click.echo(line)
+
+
+@service.command()
+@_KIND
+def uninstall(kind: str) -> None:
+    """Stop and disable the service (when its manager is reachable) and remove its file."""
+    for line in si.uninstall(kind).lines:
+        click.echo(line)
+
+
+@service.command()
+@_KIND
+def status(kind: str) -> None:
+    """Say whether the service is installed, where, and its state. Exit 1: not installed."""
+    outcome = si.status(kind)
+    for line in outcome.lines:
+        click.echo(line)
+    if not outcome.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
