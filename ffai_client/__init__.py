@@ -1,8 +1,8 @@
 """FFAI client: stream tokens from an FFAI worker over ZeroMQ (no MLX needed).
 
-    async with AsyncClient() as client:
-        async for chunk in client.generate_stream("Once upon a time"):
-            print(chunk.text, end="")
+async with AsyncClient() as client:
+    async for chunk in client.generate_stream("Once upon a time"):
+        print(chunk.text, end="")
 """
 
 from ffai_client.client import AsyncClient

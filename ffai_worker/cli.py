@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
+import socket
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import click
 
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
-from ffai_client.endpoints import default_endpoint
+from ffai_client.endpoints import ENDPOINT_ENV, default_endpoint, ipc_path
+from ffai_worker import service_install as si
 
 MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in tinystories-260k)."
+ENDPOINT_HELP = f"ZeroMQ endpoint to bind [default: ${ENDPOINT_ENV}, else {default_endpoint()}]"
 DTYPE_CHOICES = click.Choice(["float32", "float16", "bfloat16"])
+DTYPE_HELP = "Weights dtype. Default: the fastest for this device."
+REVISION_HELP = "Hub revision (branch, tag or commit)."
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 
 
 def _load_engine(model: str | None, dtype: str | None, revision: str | None, **config: Any) -> Any:
@@ -27,6 +36,10 @@ def _load_engine(model: str | None, dtype: str | None, revision: str | None, **c
     if model is None:
         click.echo(f"ffai-worker: {BUILTIN_MODEL_NOTE}", err=True)
         model = str(BUILTIN_MODEL_DIR)
+    elif Path(model).expanduser().is_dir():
+        # `info` reports this path: absolute, so it means the same to every client.
+        # (abspath, not resolve: a path through a symlink stays the one the user gave.)
+        model = os.path.abspath(Path(model).expanduser())
     try:
         engine = Engine.load(model, dtype=dtype, revision=revision, config=EngineConfig(**config))
     except ModelLoadError as exc:
@@ -61,6 +74,43 @@ def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
     )
 
 
+def _preflight_endpoint(endpoint: str) -> None:
+    """Refuse an endpoint another worker serves before the model loads, not after."""
+    try:
+        if ipc_path(endpoint) is not None:
+            from ffai_worker.server import prepare_endpoint
+
+            prepare_endpoint(endpoint)  # a safe 0700 directory; a stale socket file removed
+        elif endpoint.startswith("tcp://"):
+            _refuse_if_port_taken(endpoint)
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(f"cannot bind {endpoint}: {exc}") from None
+
+
+def _refuse_if_port_taken(endpoint: str) -> None:
+    """Raise if a listener holds the tcp port; anything this probe cannot judge (an
+    interface name, a wildcard port) is left to the real bind."""
+    url = urlparse(endpoint)
+    try:
+        host, port = url.hostname or "", url.port
+    except ValueError:
+        return
+    if not port:
+        return
+    host = "" if host == "*" else host
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # Linux refuses SO_REUSEADDR binds only while a socket listens: a port left in
+    # TIME_WAIT by a stopped worker passes, as it does for zmq's own bind.
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise RuntimeError("the address is in use (another worker?)") from None
+    finally:
+        probe.close()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ffai")
 def main() -> None:
@@ -69,22 +119,47 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
-@click.option(
-    "--endpoint", default=None, help=f"ZeroMQ endpoint to bind [default: {default_endpoint()}]"
-)
+@click.option("--endpoint", default=None, envvar=ENDPOINT_ENV, help=ENDPOINT_HELP)
 @click.option(
     "--allow-remote", is_flag=True, help="Allow a tcp endpoint on a non-loopback address."
 )
+@click.option("--dtype", type=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+@click.option("--revision", default=None, help=REVISION_HELP)
 @click.option(
-    "--dtype", type=DTYPE_CHOICES, default=None, help="Default: the fastest for this device."
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Sequences decoded together in one step.",
 )
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True)
-@click.option("--max-queue", type=click.IntRange(0, 100_000), default=64, show_default=True)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(0, 100_000),
+    default=64,
+    show_default=True,
+    help="Requests waiting beyond the batch; one more is answered `busy`.",
+)
 @click.option("--max-tokens-limit", type=click.IntRange(1), default=None, help="Cap on max_tokens.")
-@click.option("--max-prompt-tokens", type=click.IntRange(1), default=None)
-@click.option("--prefill-step-size", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--max-message-bytes", type=click.IntRange(1024), default=16 << 20, show_default=True)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="Longest prompt accepted, in tokens. Default: the context length.",
+)
+@click.option(
+    "--prefill-step-size",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Prompt tokens prefilled per step, so a long prompt never freezes other streams.",
+)
+@click.option(
+    "--max-message-bytes",
+    type=click.IntRange(1024),
+    default=16 << 20,
+    show_default=True,
+    help="Largest request frame accepted.",
+)
 @click.option(
     "--stream-interval-ms",
     type=click.FloatRange(0),
@@ -92,7 +167,9 @@ def main() -> None:
     help="Least time between two frames of one stream (0: every token). "
     "Default: every token; while more than 4 streams run, 5 ms x streams (at most 50).",
 )
-@click.option("--log-level", default="warning", show_default=True)
+@click.option(
+    "--log-level", type=LOG_LEVELS, default="warning", show_default=True, help="Logging threshold."
+)
 def serve(
     model: str | None,
     endpoint: str | None,
@@ -114,6 +191,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     endpoint = endpoint or default_endpoint()
     _check_endpoint(endpoint, allow_remote)
+    _preflight_endpoint(endpoint)
     engine = _load_engine(
         model,
         dtype,
@@ -141,8 +219,8 @@ def serve(
 
 @main.command()
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
-@click.option("--dtype", type=DTYPE_CHOICES, default=None)
-@click.option("--revision", default=None)
+@click.option("--dtype", type=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+@click.option("--revision", default=None, help=REVISION_HELP)
 @sampling_options
 @click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
 @click.argument("prompt")
@@ -166,6 +244,91 @@ def generate(
     sys.stdout.write("\n")
     if stats and final is not None and final.stats is not None:
         click.echo(final.stats.formatted(), err=True)
+
+
+# -- ffai-worker service ----------------------------------------------------------------
+KIND_HELP = "systemd user unit (Linux) or launchd agent (macOS). Default: this platform's."
+_KIND = click.option(
+    "--kind", type=click.Choice(si.KINDS), default=si.default_kind(), help=KIND_HELP
+)
+_RESERVED = ("--model", "-m", "--endpoint")
+
+
+@main.group()
+def service() -> None:
+    """Run the worker as a per-user service that starts at login."""
+
+
+@service.command(context_settings={"ignore_unknown_options": True})
+@click.option("--model", "-m", default=None, help=MODEL_HELP + " A local folder is made absolute.")
+@click.option(
+    "--endpoint",
+    default=None,
+    envvar=ENDPOINT_ENV,
+    help=f"Endpoint the service binds [default: ${ENDPOINT_ENV}, else the worker's default].",
+)
+@_KIND
+@click.option(
+    "--dry-run", "--print", "dry_run", is_flag=True, help="Print the unit; write nothing."
+)
+@click.argument("serve_options", nargs=-1, type=click.UNPROCESSED)
+def install(
+    model: str | None,
+    endpoint: str | None,
+    kind: str,
+    dry_run: bool,
+    serve_options: tuple[str, ...],
+) -> None:
+    """Write the service file; it runs this Python with `ffai_worker.cli serve`.
+
+    SERVE_OPTIONS after `--` go to `serve` as given, e.g.
+    `ffai-worker service install -m ./model -- --max-batch 8`.
+    """
+    for word in serve_options:
+        if word.split("=", 1)[0] in _RESERVED:
+            raise click.UsageError(
+                f"give {word.split('=', 1)[0]} before `--`, not among the serve options"
+            )
+    try:
+        model = None if model is None else si.absolute_model(model)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    argv = si.serve_argv(sys.executable, model, endpoint, serve_options)
+    try:
+        # Parse exactly what the service will run, so a typo fails here, not at login.
+        ctx = serve.make_context("serve", argv[4:])
+    except click.UsageError as exc:
+        raise click.UsageError(f"serve options: {exc.format_message()}") from None
+    if endpoint is not None:
+        _check_endpoint(endpoint, bool(ctx.params["allow_remote"]))
+    try:
+        content = si.render(kind, argv)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if dry_run:
+        click.echo(content.decode(), nl=False)
+        return
+    for line in si.install(kind, content).lines:
+        click.echo(line)
+
+
+@service.command()
+@_KIND
+def uninstall(kind: str) -> None:
+    """Stop and disable the service (when its manager is reachable) and remove its file."""
+    for line in si.uninstall(kind).lines:
+        click.echo(line)
+
+
+@service.command()
+@_KIND
+def status(kind: str) -> None:
+    """Say whether the service is installed, where, and its state. Exit 1: not installed."""
+    outcome = si.status(kind)
+    for line in outcome.lines:
+        click.echo(line)
+    if not outcome.ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

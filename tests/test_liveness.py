@@ -68,8 +68,8 @@ def test_long_step_is_not_death(heavy_model: Path) -> None:
                 client.generate(tokens=long_prompt, parameters=GenerationParameters(max_tokens=2))
             )
             rest = [chunk async for chunk in streaming]
-            assert rest[-1].finish_reason == "length"
-            assert long_one.stats.prompt_tokens == LONG_PROMPT_TOKENS
+            assert rest[-1].finish_reason == "length", rest[-1]
+            assert long_one.stats.prompt_tokens == LONG_PROMPT_TOKENS, long_one.stats
             # The single prefill step really outlasted the heartbeat timeout many times over.
             assert long_one.stats.prefill_time_s > 4 * 3 * HEARTBEAT_S, long_one.stats
 
