@@ -30,7 +30,13 @@ endpoint_option = click.option(
     default=None,
     help="Worker endpoint [env FFAI_ENDPOINT; default: the local daemon's ipc socket].",
 )
-timeout_option = click.option("--timeout", type=float, default=5.0, show_default=True)
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for an answer from the worker before giving up on it.",
+)
 
 
 def _run(make: Callable[[AsyncClient], Awaitable[T]], endpoint: str | None, timeout: float) -> T:
