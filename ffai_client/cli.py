@@ -37,7 +37,7 @@ timeout_option = click.option(
     type=float,
     default=5.0,
     show_default=True,
-    help="Seconds to wait for an answer from the worker before giving up on it.",
+    help="Seconds to wait for the worker before giving up on it.",
 )
 
 
