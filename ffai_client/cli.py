@@ -1,7 +1,7 @@
 """`ffai`: talk to a running worker from the shell.
 
 Exit codes: 0 ok, 1 the worker refused or failed the request, 2 usage error,
-3 the worker is unavailable.
+3 the worker is unavailable, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -9,16 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
+from ffai_client.cli_chat import TextOut, run_chat
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.client import AsyncClient
 from ffai_client.errors import FFAIError, RequestError, WorkerUnavailable
-from ffai_client.types import ChatMessage, GenerationChunk, GenerationParameters
+from ffai_client.types import GenerationChunk
 
 EXIT_REQUEST_ERROR = 1
 EXIT_UNAVAILABLE = 3
@@ -30,27 +32,49 @@ endpoint_option = click.option(
     default=None,
     help="Worker endpoint [env FFAI_ENDPOINT; default: the local daemon's ipc socket].",
 )
-timeout_option = click.option("--timeout", type=float, default=5.0, show_default=True)
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the worker before giving up on it.",
+)
 
 
-def _run(make: Callable[[AsyncClient], Awaitable[T]], endpoint: str | None, timeout: float) -> T:
+def _run(
+    make: Callable[[AsyncClient], Awaitable[T]],
+    endpoint: str | None,
+    timeout: float,
+    out: TextOut | None = None,
+) -> T:
     """Run one client coroutine, mapping failures to the documented exit codes."""
 
     async def main() -> T:
         async with AsyncClient(endpoint, timeout=timeout) as client:
             return await make(client)
 
-    try:
+    with _exit_codes(out):
         return asyncio.run(main())
+
+
+@contextmanager
+def _exit_codes(out: TextOut | None) -> Iterator[None]:
+    """Print a failure on one line of its own (after any partial text) and exit with its code."""
+    try:
+        yield
     except WorkerUnavailable as exc:
-        click.echo(f"ffai: worker unavailable: {exc}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
+        _fail(out, f"worker unavailable: {exc}", EXIT_UNAVAILABLE)
     except RequestError as exc:
-        click.echo(f"ffai: error {exc.code}: {exc.message}", err=True)
-        sys.exit(EXIT_REQUEST_ERROR)
+        _fail(out, f"error {exc.code}: {exc.message}", EXIT_REQUEST_ERROR)
     except FFAIError as exc:
-        click.echo(f"ffai: {exc}", err=True)
-        sys.exit(EXIT_REQUEST_ERROR)
+        _fail(out, str(exc), EXIT_REQUEST_ERROR)
+
+
+def _fail(out: TextOut | None, message: str, code: int) -> NoReturn:
+    if out is not None:
+        out.end_line()
+    click.echo(f"ffai: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,16 +94,16 @@ def generate(
 ) -> None:
     """Stream a generation to stdout (Ctrl-C cancels it cleanly)."""
     params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
+    out = TextOut()
 
     async def stream(client: AsyncClient) -> GenerationChunk | None:
         async with client.generate_stream(prompt, parameters=params) as chunks:
             async for chunk in chunks:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                out.write(chunk.text)
         return chunks.final
 
     try:
-        final = _run(stream, endpoint, timeout)
+        final = _run(stream, endpoint, timeout, out)
     except KeyboardInterrupt:
         # asyncio.run cancelled the task, which sent the cancel to the worker.
         click.echo("\nffai: cancelled", err=True)
@@ -95,47 +119,20 @@ def generate(
 @sampling_options
 @click.option("--system", default=None, help="A system message to start the conversation.")
 def chat(endpoint: str | None, timeout: float, system: str | None, **options: Any) -> None:
-    """Interactive chat through the model's chat template. /reset, /stats, /quit."""
+    """Interactive chat through the model's chat template. /reset, /stats, /quit.
+
+    Ctrl-C stops a reply (what was printed stays in the conversation); Ctrl-C or
+    Ctrl-D at the prompt leaves. When the conversation outgrows the worker's
+    prompt limit, its oldest exchanges are dropped, with a notice on stderr.
+    """
     params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
-    _run(lambda client: _chat_loop(client, params, system), endpoint, timeout)
-
-
-async def _chat_loop(client: AsyncClient, params: GenerationParameters, system: str | None) -> None:
-    start = [ChatMessage("system", system)] if system else []
-    history = list(start)
-    last: GenerationChunk | None = None
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            line = await loop.run_in_executor(None, _prompt_line)
-        except EOFError:
-            return
-        command = line.strip()
-        if command in ("/quit", "/exit"):
-            return
-        if command == "/reset":
-            history = list(start)
-            click.echo("(conversation reset)")
-            continue
-        if command == "/stats":
-            click.echo(last.stats.formatted() if last and last.stats else "(no stats yet)")
-            continue
-        if not command:
-            continue
-        history.append(ChatMessage("user", line))
-        reply: list[str] = []
-        async with client.generate_stream(messages=history, parameters=params) as chunks:
-            async for chunk in chunks:
-                reply.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        last = chunks.final
-        history.append(ChatMessage("assistant", "".join(reply)))
-
-
-def _prompt_line() -> str:
-    return input("> ")
+    out = TextOut()
+    try:
+        with _exit_codes(out):
+            run_chat(endpoint, timeout, params, system, out)
+    except KeyboardInterrupt:
+        click.echo(err=True)  # after the terminal's ^C
+        sys.exit(130)
 
 
 @main.command()
