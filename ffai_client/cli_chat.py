@@ -1,7 +1,8 @@
 """`ffai chat`: the interactive loop, and the stdout bookkeeping `ffai generate` shares.
 
-The prompt is read on the main thread with a plain `input()`, outside any event
-loop, so Ctrl-C and Ctrl-D there behave as in any shell tool. Each reply runs on
+The prompt is read on the main thread, outside any event loop (a `select` on
+stdin and the SIGINT wake-up pipe: `input()` can miss a Ctrl-C that lands just
+before it starts), so Ctrl-C and Ctrl-D there behave as in any shell tool. Each reply runs on
 one persistent event loop (the client's socket lives across turns) with SIGINT
 turned into cancelling that reply's task, which sends the worker a cancel.
 
