@@ -236,6 +236,36 @@ def test_cancel_during_preparation_ends_with_one_final_chunk(
     assert mine[0]["tokens"] == [] and mine[0]["stats"]["generated_tokens"] == 0
 
 
+def test_frames_beyond_the_wait_bound_are_busy(hostile_worker: WorkerProcess) -> None:
+    """1100 pings behind a request being prepared: 1024 wait and are answered in order,
+    the rest get `busy` at once; every frame gets exactly one answer."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(hostile_worker.endpoint)
+    slow = [{"role": "user", "content": "slow"}]
+    gen = {"v": 1, "type": "generate", "id": "g", "messages": slow, "params": {"max_tokens": 2}}
+    answered: set[str] = set()
+
+    def all_answered(frame: dict[str, Any]) -> bool:
+        answered.add(frame["id"] if frame["type"] != "chunk" or "stats" in frame else "")
+        return len(answered - {""}) == 1101
+
+    try:
+        sock.send(msgpack.packb(gen))
+        for i in range(1100):
+            sock.send(msgpack.packb({"v": 1, "type": "ping", "id": f"p{i}"}))
+        frames = raw_frames(sock, all_answered)
+    finally:
+        sock.close()
+    busy = [f["id"] for f in frames if f["type"] == "error"]
+    pongs = [f["id"] for f in frames if f["type"] == "pong"]
+    assert all(f["code"] == "busy" for f in frames if f["type"] == "error")
+    assert len(busy) == 1100 - 1024 and len(pongs) == 1024, (len(busy), len(pongs))
+    assert sorted(busy + pongs) == sorted(f"p{i}" for i in range(1100))
+    assert pongs == [f"p{i}" for i in range(1024)]  # held frames keep their order
+    assert [f["stats"]["generated_tokens"] for f in frames if "stats" in f] == [2]
+
+
 async def vanish_during_preparation(endpoint: str) -> None:
     for _ in range(3):
         sock = zmq.Context.instance().socket(zmq.DEALER)
