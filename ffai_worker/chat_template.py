@@ -30,6 +30,13 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ffai_client.types import ChatMessage
+from ffai_worker.template_budget import (
+    BudgetedSandbox,
+    RenderBudget,
+    budgeted_filter,
+    metered,
+    weight,
+)
 
 NO_CHAT_TEMPLATE = "no_chat_template"
 TEMPLATE_ERROR = "template_error"
@@ -156,8 +163,8 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             )
 
 
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, failing on the first touch of an unsafe attribute.
+class _StrictSandbox(BudgetedSandbox):
+    """The immutable, budgeted sandbox, failing on the first touch of an unsafe attribute.
 
     jinja2 (and so transformers) returns an undefined that only raises when used,
     so `{{ x.__class__ }}` renders as "". A template that probes internals is
@@ -175,7 +182,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     env = _StrictSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
-    env.filters["tojson"] = _tojson
+    env.filters["tojson"] = budgeted_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
@@ -187,6 +194,14 @@ def _environment() -> ImmutableSandboxedEnvironment:
 def _compile(source: str) -> jinja2.Template:
     """Compiled once per template source: the worker renders on every request."""
     return _environment().from_string(source)
+
+
+def precompile(source: str) -> None:
+    """Compile a template ahead of its first render; a broken one fails at render time."""
+    try:
+        _compile(source)
+    except Exception:
+        pass
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -271,6 +286,7 @@ def _check_documents(documents: Sequence[Any] | None) -> None:
 def render(
     template: str,
     messages: Sequence[Mapping[str, Any] | ChatMessage],
+    budget: RenderBudget | None = None,
     /,
     *,
     add_generation_prompt: bool = True,
@@ -287,6 +303,9 @@ def render(
     undefined when None, like a tokenizer without them). `extra` reaches the
     template as variables (enable_thinking, date_string, reasoning_effort, ...).
     `continue_final_message` may name the field to continue (default "content").
+    `budget` bounds the template's time and the size of what it builds
+    (template_budget.py; default RenderBudget()); positional so that no template
+    keyword can collide with it.
     Raises ChatTemplateError(template_error) for anything the template or the
     inputs get wrong, with transformers' (or the template's own) message.
     """
@@ -295,7 +314,14 @@ def render(
     context = {**{k: v for k, v in specials.items() if v is not None}, **extra}
     try:
         return _render(
-            template, chat, add_generation_prompt, continue_final_message, tools, documents, context
+            template,
+            chat,
+            add_generation_prompt,
+            continue_final_message,
+            tools,
+            documents,
+            context,
+            budget or RenderBudget(),
         )
     except ChatTemplateError:
         raise
@@ -313,6 +339,7 @@ def _render(
     tools: Sequence[Any] | None,
     documents: Sequence[Any] | None,
     context: dict[str, Any],
+    budget: RenderBudget,
 ) -> str:
     if not chat:
         raise ValueError(
@@ -335,13 +362,14 @@ def _render(
     if continue_final_message:
         field = continue_final_message if isinstance(continue_final_message, str) else "content"
         final = _tag_final_message(template, chat, field)
-    rendered: str = compiled.render(
-        messages=chat,
-        tools=tool_schemas,
-        documents=plain_documents,
-        add_generation_prompt=add_generation_prompt,
-        **context,
-    )
+    with metered(budget, weight((chat, tool_schemas, plain_documents, context))):
+        rendered: str = compiled.render(
+            messages=chat,
+            tools=tool_schemas,
+            documents=plain_documents,
+            add_generation_prompt=add_generation_prompt,
+            **context,
+        )
     if final is not None:
         rendered = _trim_after_final(rendered, final)
     return rendered

@@ -40,6 +40,7 @@ class EngineConfig:
     prefill_step_size: int = 512
     max_tokens_limit: int | None = None  # cap on a request's max_tokens
     max_prompt_tokens: int | None = None  # cap below the context length
+    template_budget_s: float = 1.0  # wall time one chat-template render may take
 
 
 class StepFailed(RuntimeError):
@@ -125,6 +126,7 @@ class Engine:
                 "invalid_request", "give exactly one of prompt, tokens or messages"
             )
         if prompt is not None:
+            self._check_text_bytes(prompt, "prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         elif tokens is not None:
             ids = self._checked_tokens(tokens)
@@ -143,12 +145,38 @@ class Engine:
             )
         return list(tokens)
 
-    def _check_limits(self, ids: list[int], params: GenerationParameters) -> None:
-        if not ids:
-            raise RequestRejected("invalid_request", "the prompt is empty (no tokens)")
+    @property
+    def max_prompt_tokens(self) -> int:
         limit = self.context_length - 1
         if self.config.max_prompt_tokens is not None:
             limit = min(limit, self.config.max_prompt_tokens)
+        return limit
+
+    def prompt_byte_limit(self) -> int | None:
+        """Bytes of text that certainly tokenize to more than max_prompt_tokens (None: no bound)."""
+        per_token = self.tokenizer.max_token_bytes
+        return None if per_token is None else self.max_prompt_tokens * per_token
+
+    def _check_text_bytes(self, text: str, what: str) -> None:
+        """Refuse, before tokenizing, text too long to fit whatever it tokenizes to."""
+        if len(text) <= self.max_prompt_tokens:
+            return  # short: the tokenizer counts (and no bound is below 4 bytes a token)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size <= self.max_prompt_tokens * 4:
+            return  # no bound is below 4 bytes a token: spare the vocabulary scan
+        limit = self.prompt_byte_limit()
+        if limit is not None and size > limit:
+            raise RequestRejected(
+                "prompt_too_long",
+                f"the {what} has {size} UTF-8 bytes; at most {self.max_prompt_tokens} tokens fit"
+                f" and no token of this model covers more than {limit // self.max_prompt_tokens}"
+                " bytes",
+            )
+
+    def _check_limits(self, ids: list[int], params: GenerationParameters) -> None:
+        if not ids:
+            raise RequestRejected("invalid_request", "the prompt is empty (no tokens)")
+        limit = self.max_prompt_tokens
         if len(ids) > limit:
             raise RequestRejected(
                 "prompt_too_long",
@@ -267,6 +295,18 @@ class Engine:
         )
 
     # -- tokenizer and template services --------------------------------------
+    def warm_up(self) -> None:
+        """Pay up front (the worker does it off the actor thread) what first requests would.
+
+        Scanning a large vocabulary for its longest token takes ~0.3 s; compiling a
+        chat template calls Python's compile(), which holds the GIL throughout.
+        """
+        from ffai_worker.chat_template import precompile
+
+        _ = self.tokenizer.max_token_bytes
+        for source in self.tokenizer.chat_templates.values():
+            precompile(source)
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -282,6 +322,7 @@ class Engine:
     ) -> tuple[str, list[int]]:
         """Render messages through the model's chat template; return text and ids."""
         from ffai_worker.chat_template import ChatTemplateError, render, select_template
+        from ffai_worker.template_budget import RenderBudget
 
         opts = options or ChatTemplateOptions()
         tok = self.tokenizer
@@ -298,11 +339,14 @@ class Engine:
         # Continuing the last message and opening a new turn contradict each other;
         # asking to continue implies no generation prompt.
         generation_prompt = opts.add_generation_prompt and not opts.continue_final_message
+        for message in messages:
+            self._check_text_bytes(_content_text(message), "content of a message")
         try:
             template = select_template(tok.chat_templates, opts.tools)
             text = render(
                 template,
                 list(messages),
+                RenderBudget(time_s=self.config.template_budget_s),
                 add_generation_prompt=generation_prompt,
                 continue_final_message=opts.continue_final_message,
                 tools=opts.tools,
@@ -311,6 +355,7 @@ class Engine:
             )
         except ChatTemplateError as exc:
             raise RequestRejected(exc.code, str(exc)) from None
+        self._check_text_bytes(text, "rendered conversation")
         return text, self.tokenizer.encode_rendered(text)
 
     def info(self) -> dict[str, Any]:
@@ -330,6 +375,17 @@ class Engine:
             "kv_cache_bytes": self.cache.allocated_bytes,
             "blas": blas_info(),
         }
+
+
+def _content_text(message: ChatMessage | dict[str, Any]) -> str:
+    """A message's content as one text: a str, or the text of its parts."""
+    content = message.content if isinstance(message, ChatMessage) else message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = (p.get("text") for p in content if isinstance(p, dict))
+        return "".join(t for t in parts if isinstance(t, str))
+    return ""
 
 
 def _model_dtype(model: Any) -> mx.Dtype:

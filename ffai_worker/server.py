@@ -7,6 +7,11 @@ its chunks here, coalesced into one, until it reads; a client that vanished
 (ROUTER_MANDATORY turns the send into EHOSTUNREACH) has all its sequences
 cancelled. The only MLX work happens inside `engine.step()` and the request
 handlers, both on this thread.
+
+Requests whose preparation may take long (a chat template, a long prompt) are
+prepared on other threads (admission.py) and admitted here when ready; until
+then that client's later frames wait, so each client's frames are still
+handled in the order it sent them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -29,8 +34,9 @@ from ffai_client import protocol as p
 from ffai_client.endpoints import check_socket_dir, check_socket_file, ipc_path, runtime_dir
 from ffai_client.errors import UnsafeEndpoint
 from ffai_client.types import GenerationChunk
+from ffai_worker.admission import INLINE_TEXT_CHARS, INLINE_TOKENS, Preparer
 from ffai_worker.engine import Engine, StepFailed
-from ffai_worker.sequence import RequestRejected
+from ffai_worker.sequence import EngineRequest, RequestRejected
 
 log = logging.getLogger("ffai_worker")
 
@@ -43,6 +49,9 @@ MAX_QUEUED_REPLIES = 100_000
 MAX_QUEUED_REPLY_BYTES = 64 << 20
 SEND_RETRY_POLL_MS = 5  # idle wait while only a full pipe holds output back
 SHUTDOWN_FLUSH_S = 2.0  # how long a stopping worker keeps offering queued replies
+# Frames of one client held while one of its requests is being prepared, and their bytes.
+MAX_DEFERRED_FRAMES = 1024
+MAX_DEFERRED_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,14 @@ class Worker:
         self.frames_sent = 0
         self.service_cpu_s = 0.0
         self._tick_cpu0 = 0.0  # this thread's CPU clock when the current tick started
+        # Preparation off the actor thread; a client's frames wait here while one of
+        # its requests is prepared (key present = a preparation is in flight).
+        self._preparer = Preparer()
+        self._preparer.submit(engine.warm_up, lambda result, error: None)
+        self._deferred: dict[bytes, deque[bytes]] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._preparer.wake_fd, zmq.POLLIN)
 
     # -- lifecycle -------------------------------------------------------------
     def bind(self) -> None:
@@ -132,6 +149,7 @@ class Worker:
                 self._tick()
             self._shut_down()
         finally:
+            self._preparer.close()
             self.sock.close(linger=500)
             path = ipc_path(self.config.endpoint)
             if path is not None and path.exists():
@@ -146,11 +164,13 @@ class Worker:
             # Busy: one cheap getsockopt instead of a zero-timeout poll.
             ready = self.sock.get(zmq.EVENTS) & zmq.POLLIN
         elif self._pending or self._replies:
-            ready = self.sock.poll(SEND_RETRY_POLL_MS, zmq.POLLIN)  # a slow reader: retry soon
+            ready = self._wait_idle(SEND_RETRY_POLL_MS)  # a slow reader: retry sending soon
         else:
-            ready = self.sock.poll(self.config.idle_poll_ms, zmq.POLLIN)
+            ready = self._wait_idle(self.config.idle_poll_ms)
         if ready:
             self._drain_mailbox()
+        if self._preparer.has_finished():
+            self._preparer.run_finished()
         if self.engine.has_work():
             before = time.thread_time()
             try:
@@ -174,6 +194,8 @@ class Worker:
         """Stop admitting; end every accepted request with `shutting_down`."""
         self._next_send.clear()  # text held back by pacing goes out before the error
         self._drain_mailbox()
+        for identity in list(self._deferred):
+            self._resume(identity)  # answered now: refused generates, inline everything else
         self._flush_pending()
         for identity, ids in list(self._live.items()):
             for rid in list(ids):
@@ -210,6 +232,9 @@ class Worker:
             self._handle(frames[0], frames[1])
 
     def _handle(self, identity: bytes, data: bytes) -> None:
+        if identity in self._deferred and not self._stopping:
+            self._defer(identity, data)
+            return
         try:
             msg = p.decode_client(data, max_message_bytes=self.config.max_message_bytes)
         except p.FrameError as exc:
@@ -256,14 +281,12 @@ class Worker:
                 ),
             )
         elif isinstance(msg, p.TokenizeRequest):
-            tokens = self.engine.tokenize(msg.text, add_special_tokens=msg.add_special_tokens)
-            self._send(identity, p.TokenizeReply(id=msg.id, tokens=tokens))
+            self._answer(identity, msg.id, len(msg.text) > INLINE_TEXT_CHARS, _tokenize(self, msg))
         elif isinstance(msg, p.DetokenizeRequest):
-            text = self.engine.detokenize(msg.tokens, skip_special_tokens=msg.skip_special_tokens)
-            self._send(identity, p.DetokenizeReply(id=msg.id, text=text))
+            long = len(msg.tokens) > INLINE_TOKENS
+            self._answer(identity, msg.id, long, _detokenize(self, msg))
         elif isinstance(msg, p.RenderRequest):
-            text, tokens = self.engine.render(msg.messages, msg.options)
-            self._send(identity, p.RenderReply(id=msg.id, text=text, tokens=tokens))
+            self._answer(identity, msg.id, True, _render(self, msg))
         else:  # pragma: no cover - decode_client only returns the closed set above
             raise RequestRejected("unknown_type", f"unexpected message {type(msg).__name__}")
 
@@ -273,17 +296,114 @@ class Worker:
         live = self._live.setdefault(identity, set())
         if msg.id in live:
             raise RequestRejected("duplicate_id", f"request id {msg.id!r} is already active")
-        request = self.engine.new_request(
-            (identity, msg.id),
-            prompt=msg.prompt,
-            tokens=msg.tokens,
-            messages=msg.messages,
-            options=msg.options,
-            parameters=msg.params,
-            add_special_tokens=msg.add_special_tokens,
+
+        def prepare() -> EngineRequest:
+            return self.engine.new_request(
+                (identity, msg.id),
+                prompt=msg.prompt,
+                tokens=msg.tokens,
+                messages=msg.messages,
+                options=msg.options,
+                parameters=msg.params,
+                add_special_tokens=msg.add_special_tokens,
+            )
+
+        long = (
+            msg.messages is not None
+            or len(msg.prompt or "") > INLINE_TEXT_CHARS
+            or len(msg.tokens or ()) > INLINE_TOKENS
         )
-        self.engine.submit(request)
+        if not long:
+            self.engine.submit(prepare())
+            live.add(msg.id)
+            return
+        # Active from now on: its id is taken, and cancel, disconnect and shutdown reach it.
         live.add(msg.id)
+        self._deferred[identity] = deque()
+        self._preparer.submit(
+            prepare, lambda request, error: self._admit(identity, msg.id, request, error)
+        )
+
+    # -- preparation off the actor thread (admission.py) --------------------------
+    def _wait_idle(self, timeout_ms: int) -> bool:
+        """Sleep until a frame arrives or a preparation finishes; whether a frame is waiting."""
+        events = dict(self._poller.poll(timeout_ms))
+        return self.sock in events
+
+    def _admit(
+        self, identity: bytes, rid: str, request: EngineRequest | None, error: BaseException | None
+    ) -> None:
+        """A prepared generate: queue it, or end it with its error (exactly one terminal frame)."""
+        try:
+            live = self._live.get(identity)
+            if live is None or rid not in live:
+                return  # its client vanished, or the worker stopped and answered it
+            try:
+                if error is not None:
+                    raise error
+                assert request is not None
+                self.engine.submit(request)
+            except RequestRejected as exc:
+                live.discard(rid)
+                self._send(identity, p.Error(id=rid, code=exc.code, message=exc.message))
+            except Exception as exc:
+                log.exception("internal error preparing a generate", exc_info=exc)
+                live.discard(rid)
+                self._send(
+                    identity,
+                    p.Error(id=rid, code="internal", message=f"{type(exc).__name__}: {exc}"),
+                )
+        finally:
+            self._resume(identity)
+
+    def _answer(self, identity: bytes, rid: str, long: bool, work: Callable[[], Any]) -> None:
+        """Reply with `work()`: here if it is quick, else from a preparation thread."""
+        if not long or self._stopping:
+            self._send(identity, work())
+            return
+        self._deferred[identity] = deque()
+
+        def done(reply: Any, error: BaseException | None) -> None:
+            try:
+                if isinstance(error, RequestRejected):
+                    reply = p.Error(id=rid, code=error.code, message=error.message)
+                elif error is not None:
+                    log.exception("internal error answering a request", exc_info=error)
+                    msg = f"{type(error).__name__}: {error}"
+                    reply = p.Error(id=rid, code="internal", message=msg)
+                self._send(identity, reply)
+            finally:
+                self._resume(identity)
+
+        self._preparer.submit(work, done)
+
+    def _defer(self, identity: bytes, data: bytes) -> None:
+        """Hold a frame until the client's preparation ends; past the bounds, refuse it."""
+        held = self._deferred[identity]
+        if len(held) < MAX_DEFERRED_FRAMES and sum(map(len, held)) + len(data) <= (
+            MAX_DEFERRED_BYTES
+        ):
+            held.append(data)
+            return
+        try:
+            msg = p.decode_client(data, max_message_bytes=self.config.max_message_bytes)
+        except p.FrameError as exc:
+            self._send(identity, p.Error(id=exc.request_id, code=exc.code, message=exc.message))
+            return
+        if isinstance(msg, p.Cancel):
+            held.append(p.encode(msg))  # a cancel is never refused (nor answered): keep it, small
+            return
+        message = "too many frames waiting behind a request being prepared"
+        self._send(identity, p.Error(id=getattr(msg, "id", None), code="busy", message=message))
+
+    def _resume(self, identity: bytes) -> None:
+        """The client's preparation ended: handle its held frames, in order."""
+        held = self._deferred.pop(identity, None)
+        while held:
+            self._handle(identity, held.popleft())
+            if identity in self._deferred:  # that frame started another preparation
+                self._deferred[identity].extend(held)
+                return
 
     def _limits(self) -> p.Limits:
         cfg = self.engine.config
@@ -439,6 +559,30 @@ class Worker:
             self.engine.cancel((identity, rid))
             self._pending.pop((identity, rid), None)
             self._next_send.pop((identity, rid), None)
+
+
+def _tokenize(worker: Worker, msg: p.TokenizeRequest) -> Callable[[], p.TokenizeReply]:
+    def work() -> p.TokenizeReply:
+        ids = worker.engine.tokenize(msg.text, add_special_tokens=msg.add_special_tokens)
+        return p.TokenizeReply(id=msg.id, tokens=ids)
+
+    return work
+
+
+def _detokenize(worker: Worker, msg: p.DetokenizeRequest) -> Callable[[], p.DetokenizeReply]:
+    def work() -> p.DetokenizeReply:
+        text = worker.engine.detokenize(msg.tokens, skip_special_tokens=msg.skip_special_tokens)
+        return p.DetokenizeReply(id=msg.id, text=text)
+
+    return work
+
+
+def _render(worker: Worker, msg: p.RenderRequest) -> Callable[[], p.RenderReply]:
+    def work() -> p.RenderReply:
+        text, tokens = worker.engine.render(msg.messages, msg.options)
+        return p.RenderReply(id=msg.id, text=text, tokens=tokens)
+
+    return work
 
 
 def _coalesce(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:

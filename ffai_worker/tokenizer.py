@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,12 @@ NORMAL = 0
 SKIPPED = 1  # special token: decode(skip_special_tokens=True) drops it before decoding
 BYTE = 2  # "<0xHH>" piece read by a ByteFallback decoder
 CONTINUATION = 3  # byte-level piece whose first byte is a UTF-8 continuation byte
+
+# Longer texts are encoded through encode_batch, which releases the GIL while
+# Rust works (encode holds it: 1 MB froze every other thread for ~1 s).
+GIL_FREE_ENCODE_CHARS = 4096
+# How many input bytes a normalizer may fold into one byte (NFC/NFKC: at most 3).
+NORMALIZER_SHRINK = 4
 
 
 def _token_content(value: Any) -> str | None:
@@ -154,8 +160,37 @@ class Tokenizer:
     # -- encode / decode -----------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids as transformers' `encode(text, add_special_tokens=...)` gives them."""
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            batch = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)
+            long_ids: list[int] = batch[0].ids
+            return long_ids
         ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
+
+    @cached_property
+    def max_token_bytes(self) -> int | None:
+        """At most how many UTF-8 input bytes one token stands for; None when unbounded.
+
+        A token's vocabulary string is never shorter, in UTF-8 bytes, than the
+        input it matches: byte-level pieces spend one char (1-2 bytes) per input
+        byte, Metaspace's "▁" (3 bytes) stands for " " (1 byte). A normalizer
+        may shrink the input first (NFC/NFKC fold up to 3 bytes into 1), hence
+        NORMALIZER_SHRINK. A model that folds a run of unknown characters into
+        one unk token has no bound. Normalizers that delete characters are not
+        accounted for: text they would mostly delete is not a prompt.
+        """
+        model = self.backend.model
+        kind = type(model).__name__
+        byte_fallback = bool(getattr(model, "byte_fallback", False))
+        if kind == "BPE":
+            if model.fuse_unk and model.unk_token is not None and not byte_fallback:
+                return None
+        elif kind != "Unigram" or "ByteFallback" not in self.decoder_types:
+            return None  # WordPiece/WordLevel/Unigram map a whole unknown word to one unk
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        longest = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        longest = max(longest, 4)  # one unk (or byte token) stands for one char at most
+        return longest * (NORMALIZER_SHRINK if _may_shrink(self.backend.normalizer) else 1)
 
     def encode_rendered(self, text: str) -> list[int]:
         """Ids of a chat-template-rendered prompt: its BOS (if any) is already in the text.
@@ -224,6 +259,21 @@ class Tokenizer:
             if i < len(classes):
                 classes[i] = SKIPPED if tok.special else NORMAL
         return bytes(classes)
+
+
+def _may_shrink(normalizer: Any) -> bool:
+    """Whether a normalizer can make the text shorter (Prepend and an empty Sequence cannot)."""
+    if normalizer is None:
+        return False
+    state = json.loads(normalizer.__getstate__())
+    pending = [state]
+    while pending:
+        node = pending.pop()
+        if node.get("type") == "Sequence":
+            pending.extend(node.get("normalizers") or [])
+        elif node.get("type") != "Prepend":
+            return True
+    return False
 
 
 def _eos_ids(generation_config: dict[str, Any]) -> Iterable[int]:
