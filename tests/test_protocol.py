@@ -246,7 +246,7 @@ def _check_fields(rows: list[list[str]], cls: type, where: str) -> None:
         elif "Default" in cells and cells.get("Req") != "always":
             wire_default = default_of(f)
             if isinstance(wire_default, GenerationParameters):
-                wire_default = p.params_to_wire(wire_default)
+                wire_default = wire_default.to_dict()
             assert _spec_default(cells["Default"]) == wire_default, f"{where}.{f.name}"
 
 
@@ -344,7 +344,7 @@ def test_nesting_limit(depth: int, ok: bool) -> None:
 
 def test_worker_frames_are_checked() -> None:
     chunk = p.to_wire(p.Chunk(id="a", text="", tokens=[], position=3))
-    stats = p.stats_to_wire(GenerationStats())
+    stats = GenerationStats().to_dict()
     final = {**chunk, "finish_reason": "stop", "stats": stats}
     pong = {"v": 1, "type": "pong", "running": 0, "waiting": 0}
     welcome = p.to_wire(
