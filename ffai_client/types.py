@@ -196,6 +196,12 @@ class GenerationParameters:
         """Build from a wire map. Unknown keys are ignored; bad values raise ValueError."""
         return cls(**read_map(cls, data))
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The rule only a loaded model can apply: logit_bias ids below its vocabulary size."""
+        for token in self.logit_bias:
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary")
+
 
 def _parameter_problems(p: GenerationParameters) -> Sequence[str]:
     """Every reason the parameters are unusable, in field order."""
