@@ -265,37 +265,46 @@ class _Fields:
     def fail(self, name: str, problem: str, code: str = "invalid_request") -> NoReturn:
         raise FrameError(code, f"{self.where}.{name} {problem}", self.request_id)
 
-    def read(self, spec: FieldSpec, *, record: bool = False) -> Any:
+    def read(self, spec: FieldSpec, tag: str, *, record: bool = False) -> Any:
         """One field's value; in a record (section 6 `always` tables) only nullables may lack."""
-        name, kind = spec.name, spec.inner
+        name = spec.name
         raw = self.data.get(name)
         if raw is None:
             if spec.required or (record and not spec.optional):
                 self.fail(name, "is required")
             return spec.fresh_default()
-        if kind is GenerationParameters:
+        if tag == "str":  # the common case first: ids and text
+            if not isinstance(raw, str):
+                self.fail(name, f"must be a str, got {_kind(raw)}")
+            return raw
+        if tag == "tokens":
+            if not isinstance(raw, list) or not all(type(t) is int for t in raw):
+                self.fail(name, "must be an array of ints")
+            if raw and not (0 <= min(raw) and max(raw) <= MAX_TOKEN_ID):
+                self.fail(name, f"must hold token ids in [0, {MAX_TOKEN_ID}]")
+            return raw
+        if tag == "params":
             return self.structure(name, raw, GenerationParameters.from_dict, "invalid_parameters")
-        if kind is ChatTemplateOptions:
+        if tag == "options":
             return self.structure(name, raw, ChatTemplateOptions.from_dict)
-        if kind == list[ChatMessage]:
+        if tag == "messages":
             if not isinstance(raw, list):
                 self.fail(name, f"must be an array of maps, got {_kind(raw)}")
-            return [
-                self.structure(f"{name}[{i}]", m, ChatMessage.from_dict) for i, m in enumerate(raw)
-            ]
-        if kind in (Limits, GenerationStats):
+            build = ChatMessage.from_dict
+            return [self.structure(f"{name}[{i}]", m, build) for i, m in enumerate(raw)]
+        if tag == "record":
             if not isinstance(raw, dict):
                 self.fail(name, f"must be a map, got {_kind(raw)}")
-            return _read_record(kind, _Fields(raw, f"{self.where}.{name}", self.request_id))
+            return _read_record(spec.inner, _Fields(raw, f"{self.where}.{name}", self.request_id))
         try:
-            value = coerce(kind, raw)
+            value = coerce(spec.inner, raw)
         except ValueError as exc:
             self.fail(name, str(exc))
         self.check(spec, value)
         return value
 
     def check(self, spec: FieldSpec, value: Any) -> None:
-        """The wire's own ranges: counts, finite floats, token ids, plain `any` values."""
+        """The wire's own ranges: counts, finite floats, plain `any` values."""
         kind, name = spec.inner, spec.name
         if kind is int:
             low = spec.field.metadata.get(MIN, 0)
@@ -306,9 +315,6 @@ class _Fields:
                 self.fail(name, f"must be a finite number, got {value}")
             if spec.field.metadata.get(POSITIVE) and value <= 0:
                 self.fail(name, f"must be > 0, got {value}")
-        elif kind == list[int]:
-            if value and not (0 <= min(value) and max(value) <= MAX_TOKEN_ID):
-                self.fail(name, f"must hold token ids in [0, {MAX_TOKEN_ID}]")
         elif kind == dict[str, Any]:
             self.plain(name, value)
 
@@ -346,9 +352,9 @@ def _read_message(cls: type, r: _Fields) -> Any:
     """
     values: dict[str, Any] = {}
     bad_params: FrameError | None = None
-    for spec in specs(cls):
+    for spec, tag in _plan(cls):
         try:
-            values[spec.name] = r.read(spec)
+            values[spec.name] = r.read(spec, tag)
         except FrameError as exc:
             if exc.code != "invalid_parameters":
                 raise
@@ -360,7 +366,32 @@ def _read_message(cls: type, r: _Fields) -> Any:
 
 
 def _read_record(cls: type, r: _Fields) -> Any:
-    return _construct(cls, {spec.name: r.read(spec, record=True) for spec in specs(cls)}, r)
+    values = {spec.name: r.read(spec, tag, record=True) for spec, tag in _plan(cls)}
+    return _construct(cls, values, r)
+
+
+_PLANS: dict[type, tuple[tuple[FieldSpec, str], ...]] = {}
+
+
+def _plan(cls: type) -> tuple[tuple[FieldSpec, str], ...]:
+    """Each field with how to read it, worked out once per class (decoding is per chunk)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple((spec, _tag(spec.inner)) for spec in specs(cls))
+    return plan
+
+
+def _tag(kind: Any) -> str:
+    tags: list[tuple[Any, str]] = [
+        (str, "str"),
+        (list[int], "tokens"),
+        (GenerationParameters, "params"),
+        (ChatTemplateOptions, "options"),
+        (list[ChatMessage], "messages"),
+        (Limits, "record"),
+        (GenerationStats, "record"),
+    ]
+    return next((tag for k, tag in tags if kind == k), "value")
 
 
 def _construct(cls: type, values: dict[str, Any], r: _Fields) -> Any:
