@@ -9,6 +9,7 @@ from ffai_client.client import AsyncClient
 from ffai_client.endpoints import default_endpoint, resolve_endpoint
 from ffai_client.errors import (
     Busy,
+    ClientClosed,
     FFAIError,
     InternalError,
     InvalidParameters,
@@ -22,6 +23,7 @@ from ffai_client.errors import (
     UnsafeEndpoint,
     WorkerUnavailable,
 )
+from ffai_client.messages import InfoReply, Limits, Pong, RenderReply, Welcome
 from ffai_client.stream import GenerationStream
 from ffai_client.sync import Client, SyncGenerationStream
 from ffai_client.types import (
@@ -41,23 +43,29 @@ __all__ = [
     "ChatMessage",
     "ChatTemplateOptions",
     "Client",
+    "ClientClosed",
     "FFAIError",
     "GenerationChunk",
     "GenerationParameters",
     "GenerationResult",
     "GenerationStats",
     "GenerationStream",
+    "InfoReply",
     "InternalError",
     "InvalidParameters",
     "InvalidRequest",
+    "Limits",
+    "Pong",
     "PromptTooLong",
     "ProtocolError",
+    "RenderReply",
     "RequestError",
     "RequestTimeout",
     "ShuttingDown",
     "SyncGenerationStream",
     "TemplateError",
     "UnsafeEndpoint",
+    "Welcome",
     "WorkerUnavailable",
     "__version__",
     "default_endpoint",

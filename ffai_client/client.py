@@ -29,7 +29,13 @@ import zmq
 
 from ffai_client import protocol as p
 from ffai_client.endpoints import check_ipc_endpoint, ipc_path, resolve_endpoint
-from ffai_client.errors import ProtocolError, RequestTimeout, WorkerUnavailable, error_for_code
+from ffai_client.errors import (
+    ClientClosed,
+    ProtocolError,
+    RequestTimeout,
+    WorkerUnavailable,
+    error_for_code,
+)
 from ffai_client.stream import GenerationStream
 from ffai_client.types import (
     ChatMessage,
@@ -113,9 +119,12 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Fail pending requests, stop the watchdog, close the socket."""
+        """Fail pending requests with `ClientClosed`, stop the watchdog, close the socket.
+
+        Idempotent; any later call on this client raises `ClientClosed`.
+        """
         self._closed = True
-        self._fail_all(WorkerUnavailable("the client was closed"))
+        self._fail_all(ClientClosed("the client was closed"))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -127,9 +136,12 @@ class AsyncClient:
         # A short linger lets a just-queued cancel reach the worker.
         self._close_socket(linger=250)
 
-    def _ensure_started(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
-            raise WorkerUnavailable("the client is closed")
+            raise ClientClosed("this client is closed; create a new one")
+
+    def _ensure_started(self) -> None:
+        self._check_open()
         if self._sock is None:
             self._loop = asyncio.get_running_loop()
             self._open_socket()
@@ -176,7 +188,7 @@ class AsyncClient:
         sock.close(linger=linger)
 
     # -- plumbing --------------------------------------------------------------
-    def new_request_id(self) -> str:
+    def _next_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
     def _register(self, request_id: str, streaming: bool, timeout: float | None = None) -> _Pending:
@@ -226,7 +238,7 @@ class AsyncClient:
         finally:
             self._forget(msg.id)
 
-    def start_stream(
+    def _open_stream(
         self, msg: p.Generate, request_timeout: float | None = None
     ) -> asyncio.Queue[_Item]:
         """Register a generate and send it; returns the queue its frames arrive on."""
@@ -238,7 +250,7 @@ class AsyncClient:
         self._send_nowait(msg)
         return pending.queue
 
-    def cancel_nowait(self, request_id: str) -> None:
+    def _send_cancel(self, request_id: str) -> None:
         """Tell the worker to stop `request_id`; idempotent, never blocks."""
         self._send_nowait(p.Cancel(id=request_id))
 
@@ -317,7 +329,7 @@ class AsyncClient:
                 limit = pending.timeout
                 if limit is not None and now - pending.last_heard > limit:
                     self._pending.pop(request_id, None)
-                    self.cancel_nowait(request_id)  # harmless if it was not a generate
+                    self._send_cancel(request_id)  # harmless if it was not a generate
                     pending.deliver(
                         RequestTimeout(f"no frame for request {request_id} in {limit} s")
                     )
@@ -347,15 +359,16 @@ class AsyncClient:
     ) -> GenerationStream:
         """Stream a generation: `async for chunk in client.generate_stream(...)`.
 
-        Also an async context manager. Breaking out, `aclose()`, leaving the
-        `async with`, or cancelling the task sends a cancel to the worker.
-        `request_timeout` overrides the client's limit on this stream's silence.
+        Give exactly one of `prompt`, `messages` (rendered by the worker's chat
+        template with `options`) or `tokens`, else ValueError. Also an async
+        context manager. Breaking out, `aclose()`, leaving the `async with`, or
+        cancelling the task sends a cancel to the worker. `request_timeout`
+        overrides the client's limit on this stream's silence.
         """
-        given = sum(x is not None for x in (prompt, messages, tokens))
-        if given != 1:
-            raise ValueError("give exactly one of prompt, messages or tokens")
+        self._check_open()
+        # Generate checks its own rules (one of prompt/tokens/messages, the id): ValueError.
         msg = p.Generate(
-            id=request_id or self.new_request_id(),
+            id=self._next_request_id() if request_id is None else request_id,
             prompt=prompt,
             tokens=list(tokens) if tokens is not None else None,
             messages=list(messages) if messages is not None else None,
@@ -365,12 +378,33 @@ class AsyncClient:
         )
         return GenerationStream(self, msg, request_timeout)
 
-    async def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage] | None = None,
+        tokens: Sequence[int] | None = None,
+        parameters: GenerationParameters | None = None,
+        options: ChatTemplateOptions | None = None,
+        add_special_tokens: bool = True,
+        request_id: str | None = None,
+        request_timeout: float | None = None,
+    ) -> GenerationResult:
         """Run a generation to the end and collect it (a collector over generate_stream)."""
         texts: list[str] = []
         generated: list[int] = []
         final: GenerationChunk | None = None
-        async with self.generate_stream(prompt, **kwargs) as stream:
+        stream = self.generate_stream(
+            prompt,
+            messages=messages,
+            tokens=tokens,
+            parameters=parameters,
+            options=options,
+            add_special_tokens=add_special_tokens,
+            request_id=request_id,
+            request_timeout=request_timeout,
+        )
+        async with stream:
             async for chunk in stream:
                 texts.append(chunk.text)
                 generated.extend(chunk.tokens)
@@ -389,26 +423,26 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> None:
         """Cancel a request by id (harmless if it is unknown or already finished)."""
         self._ensure_started()
-        self.cancel_nowait(request_id)
+        self._send_cancel(request_id)
 
     async def ping(self) -> p.Pong:
-        reply: p.Pong = await self._request(p.Ping(id=self.new_request_id()))
+        reply: p.Pong = await self._request(p.Ping(id=self._next_request_id()))
         return reply
 
     async def info(self) -> p.InfoReply:
-        reply: p.InfoReply = await self._request(p.InfoRequest(id=self.new_request_id()))
+        reply: p.InfoReply = await self._request(p.InfoRequest(id=self._next_request_id()))
         return reply
 
     async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         msg = p.TokenizeRequest(
-            id=self.new_request_id(), text=text, add_special_tokens=add_special_tokens
+            id=self._next_request_id(), text=text, add_special_tokens=add_special_tokens
         )
         reply: p.TokenizeReply = await self._request(msg)
         return list(reply.tokens)
 
     async def detokenize(self, tokens: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         msg = p.DetokenizeRequest(
-            id=self.new_request_id(), tokens=list(tokens), skip_special_tokens=skip_special_tokens
+            id=self._next_request_id(), tokens=list(tokens), skip_special_tokens=skip_special_tokens
         )
         reply: p.DetokenizeReply = await self._request(msg)
         return reply.text
@@ -417,6 +451,6 @@ class AsyncClient:
         self, messages: Sequence[ChatMessage], options: ChatTemplateOptions | None = None
     ) -> p.RenderReply:
         """Render messages through the worker's chat template (text and token ids)."""
-        msg = p.RenderRequest(id=self.new_request_id(), messages=list(messages), options=options)
+        msg = p.RenderRequest(id=self._next_request_id(), messages=list(messages), options=options)
         reply: p.RenderReply = await self._request(msg)
         return reply

@@ -3,6 +3,7 @@
 ::
 
     FFAIError                      anything this library raises on purpose
+    ├── ClientClosed               the client was closed (also: used again after closing)
     ├── WorkerUnavailable          no worker there, it died, or no connection within the timeout
     │   ├── RequestTimeout         the worker is alive but one request got no frame in time
     │   └── UnsafeEndpoint         the ipc socket's directory or file may belong to someone else
@@ -41,6 +42,13 @@ ERROR_CODES: tuple[str, ...] = (
 
 class FFAIError(Exception):
     """Base class of every error this library raises on purpose."""
+
+
+class ClientClosed(FFAIError):
+    """This client was closed: its pending requests end with this, and so does any new call.
+
+    Not a `WorkerUnavailable`: the worker may be fine; this side hung up.
+    """
 
 
 class WorkerUnavailable(FFAIError):

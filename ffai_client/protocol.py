@@ -1,36 +1,96 @@
-"""The FFAI wire protocol, version 1: typed messages and their msgpack codec.
+"""The FFAI wire protocol, version 1: the msgpack codec of the messages in `messages.py`.
 
 `protocol/SPEC.md` is the contract and this module is its reference
-implementation. Each message is a frozen dataclass whose fields are in the
-spec's order; `encode` writes the canonical bytes (`v`, `type`, then the
-fields, optionals left out when they hold their default, floats as float64)
-and `decode_client` / `decode_worker` check every field, raising `FrameError`
-with the spec's error code and nothing else, whatever the input bytes.
+implementation. `encode` writes the canonical bytes (`v`, `type`, then the
+fields, optionals left out when they hold their default, floats as float64);
+`decode_client` / `decode_worker` check every field, raising `FrameError`
+with the spec's error code and nothing else, whatever the input bytes. Both
+walk the dataclass declarations (`_wire.py`): what a field is, and whether it
+is optional, is written once, in `messages.py` and `types.py`.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, NoReturn, Union
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 import msgpack  # type: ignore[import-untyped]
 
+from ffai_client._wire import MIN, POSITIVE, FieldSpec, coerce, specs, to_wire_map
 from ffai_client.errors import ProtocolError
+from ffai_client.messages import (
+    CLIENT_MESSAGES,
+    MAX_ID_BYTES,
+    WORKER_MESSAGES,
+    Cancel,
+    Chunk,
+    ClientMessage,
+    DetokenizeReply,
+    DetokenizeRequest,
+    Error,
+    Generate,
+    Hello,
+    InfoReply,
+    InfoRequest,
+    Limits,
+    Message,
+    Ping,
+    Pong,
+    RenderReply,
+    RenderRequest,
+    TokenizeReply,
+    TokenizeRequest,
+    Welcome,
+    WorkerMessage,
+    is_request_id,
+)
 from ffai_client.types import (
-    FINISH_REASONS,
     ChatMessage,
     ChatTemplateOptions,
-    FinishReason,
     GenerationChunk,
     GenerationParameters,
     GenerationStats,
 )
 
+__all__ = [
+    "CLIENT_MESSAGE_TYPES",
+    "MAX_COUNT",
+    "MAX_DEPTH",
+    "MAX_ID_BYTES",
+    "MAX_TOKEN_ID",
+    "PROTOCOL_VERSION",
+    "WORKER_MESSAGE_TYPES",
+    "Cancel",
+    "Chunk",
+    "ClientMessage",
+    "DetokenizeReply",
+    "DetokenizeRequest",
+    "Error",
+    "FrameError",
+    "Generate",
+    "Hello",
+    "InfoReply",
+    "InfoRequest",
+    "Limits",
+    "Message",
+    "Ping",
+    "Pong",
+    "RenderReply",
+    "RenderRequest",
+    "TokenizeReply",
+    "TokenizeRequest",
+    "Welcome",
+    "WorkerMessage",
+    "decode_client",
+    "decode_worker",
+    "encode",
+    "encode_chunk",
+    "to_wire",
+]
+
 PROTOCOL_VERSION = 1
-MAX_ID_BYTES = 256  # request ids: 1..256 bytes of UTF-8
 MAX_DEPTH = 64  # nested maps/arrays; the top-level map is level 1
 MAX_TOKEN_ID = 2**31 - 1
 MAX_COUNT = 2**63 - 1  # every count fits a signed 64-bit integer
@@ -50,202 +110,17 @@ class FrameError(ProtocolError):
         self.request_id = request_id
 
 
-# -- messages ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The worker's limits, advertised in `welcome` and `info`."""
-
-    max_message_bytes: int
-    max_prompt_tokens: int
-    max_tokens: int
-    max_batch: int
-    max_queue: int
-    context_length: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Hello:
-    TYPE: ClassVar[str] = "hello"
-    client: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Generate:
-    TYPE: ClassVar[str] = "generate"
-    id: str
-    prompt: str | None = None
-    tokens: list[int] | None = None
-    messages: list[ChatMessage] | None = None
-    params: GenerationParameters = field(default_factory=GenerationParameters)
-    options: ChatTemplateOptions | None = None
-    add_special_tokens: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class Cancel:
-    TYPE: ClassVar[str] = "cancel"
-    id: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Ping:
-    TYPE: ClassVar[str] = "ping"
-    id: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class InfoRequest:
-    TYPE: ClassVar[str] = "info"
-    id: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizeRequest:
-    TYPE: ClassVar[str] = "tokenize"
-    id: str
-    text: str
-    add_special_tokens: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class DetokenizeRequest:
-    TYPE: ClassVar[str] = "detokenize"
-    id: str
-    tokens: list[int]
-    skip_special_tokens: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class RenderRequest:
-    TYPE: ClassVar[str] = "render"
-    id: str
-    messages: list[ChatMessage]
-    options: ChatTemplateOptions | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Welcome:
-    TYPE: ClassVar[str] = "welcome"
-    protocol: int
-    server: str
-    model: str
-    heartbeat_interval_s: float
-    limits: Limits
-
-
-@dataclass(frozen=True, kw_only=True)
-class Chunk:
-    """One streamed piece; the final chunk has empty text/tokens, `finish_reason` and `stats`."""
-
-    TYPE: ClassVar[str] = "chunk"
-    id: str
-    text: str
-    tokens: list[int]
-    position: int
-    finish_reason: FinishReason | None = None
-    stats: GenerationStats | None = None
-
-    @property
-    def is_final(self) -> bool:
-        return self.stats is not None
-
-    def to_generation_chunk(self) -> GenerationChunk:
-        return GenerationChunk(
-            text=self.text,
-            tokens=list(self.tokens),
-            position=self.position,
-            stats=self.stats,
-            finish_reason=self.finish_reason,
-        )
-
-    @classmethod
-    def from_generation_chunk(cls, request_id: str, chunk: GenerationChunk) -> Chunk:
-        return cls(
-            id=request_id,
-            text=chunk.text,
-            tokens=list(chunk.tokens),
-            position=chunk.position,
-            finish_reason=chunk.finish_reason,
-            stats=chunk.stats,
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Error:
-    TYPE: ClassVar[str] = "error"
-    id: str | None = None
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Pong:
-    TYPE: ClassVar[str] = "pong"
-    id: str | None = None
-    running: int
-    waiting: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class InfoReply:
-    TYPE: ClassVar[str] = "info"
-    id: str
-    model: str
-    architecture: str
-    context_length: int
-    dtype: str
-    quantization: dict[str, Any] | None = None  # {"group_size", "bits", ...} or None
-    has_chat_template: bool
-    limits: Limits
-    running: int
-    waiting: int
-    kv_cache_bytes: int
-    blas: str
-    # Service counters (optional, additive): frames sent since start, and CPU
-    # seconds the worker's actor thread spent outside engine steps.
-    frames_sent: int | None = None
-    service_cpu_s: float | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizeReply:
-    TYPE: ClassVar[str] = "tokenize"
-    id: str
-    tokens: list[int]
-
-
-@dataclass(frozen=True, kw_only=True)
-class DetokenizeReply:
-    TYPE: ClassVar[str] = "detokenize"
-    id: str
-    text: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class RenderReply:
-    TYPE: ClassVar[str] = "render"
-    id: str
-    text: str
-    tokens: list[int]
-
-
-ClientMessage = Union[  # noqa: UP007 - a runtime alias on 3.10
-    Hello, Generate, Cancel, Ping, InfoRequest, TokenizeRequest, DetokenizeRequest, RenderRequest
-]
-WorkerMessage = Union[  # noqa: UP007
-    Welcome, Chunk, Error, Pong, InfoReply, TokenizeReply, DetokenizeReply, RenderReply
-]
-Message = Union[ClientMessage, WorkerMessage]  # noqa: UP007
-
-
 # -- encoding ----------------------------------------------------------------------------------
 
 
 def encode(message: Message) -> bytes:
     """The canonical msgpack bytes of one message (see SPEC.md, "Canonical encoding")."""
     return _packb(to_wire(message))
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """The map `encode` packs: `v`, `type`, then the fields in order, defaults left out."""
+    return {"v": PROTOCOL_VERSION, "type": message.TYPE, **to_wire_map(message)}
 
 
 def encode_chunk(request_id: str, chunk: GenerationChunk) -> bytes:
@@ -264,7 +139,7 @@ def encode_chunk(request_id: str, chunk: GenerationChunk) -> bytes:
     if chunk.finish_reason is not None:
         out["finish_reason"] = chunk.finish_reason
     if chunk.stats is not None:
-        out["stats"] = stats_to_wire(chunk.stats)
+        out["stats"] = chunk.stats.to_dict()
     return _packb(out)
 
 
@@ -285,91 +160,20 @@ def _packb(obj: Any) -> bytes:
     return data
 
 
-def to_wire(message: Message) -> dict[str, Any]:
-    """The map `encode` packs: `v`, `type`, then the fields in order, defaults left out."""
-    out: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": message.TYPE}
-    for f in fields(message):
-        value = getattr(message, f.name)
-        if f.default is not MISSING and value == f.default:
-            continue
-        if f.default_factory is not MISSING and value == f.default_factory():
-            continue
-        out[f.name] = _wire_value(f.name, value)
-    return out
-
-
-def _wire_value(name: str, value: Any) -> Any:
-    if isinstance(value, GenerationParameters):
-        return params_to_wire(value)
-    if isinstance(value, ChatTemplateOptions):
-        return value.to_dict()
-    if isinstance(value, GenerationStats):
-        return stats_to_wire(value)
-    if isinstance(value, Limits):
-        return {f.name: int(getattr(value, f.name)) for f in fields(value)}
-    if name == "messages":
-        return [m.to_dict() if isinstance(m, ChatMessage) else dict(m) for m in value]
-    if name in _FLOAT_FIELDS:
-        return float(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-_FLOAT_FIELDS = frozenset({"heartbeat_interval_s", "service_cpu_s"})
-
-
-def params_to_wire(params: GenerationParameters) -> dict[str, Any]:
-    """Parameters that differ from the defaults; floats as floats, logit_bias sorted by id."""
-    out = params.to_dict()
-    for name in _PARAM_FLOATS:
-        if out.get(name) is not None:
-            out[name] = float(out[name])
-    if "logit_bias" in out:
-        bias = params.logit_bias
-        out["logit_bias"] = {str(t): float(bias[t]) for t in sorted(bias)}
-    return out
-
-
-def stats_to_wire(stats: GenerationStats) -> dict[str, Any]:
-    """Every stats field in declaration order; float fields as floats."""
-    out: dict[str, Any] = {}
-    for f in fields(stats):
-        value = getattr(stats, f.name)
-        if value is not None and f.name in _STATS_FLOATS:
-            value = float(value)
-        out[f.name] = value
-    return out
-
-
-_PARAM_FLOATS = frozenset(
-    f.name
-    for f in fields(GenerationParameters)
-    if isinstance(f.default, float) or f.name == "temperature"
-)
-_STATS_FLOATS = frozenset(
-    f.name
-    for f in fields(GenerationStats)
-    if isinstance(f.default, float) or f.name == "steady_tokens_per_second"
-)
-
-
 # -- decoding ----------------------------------------------------------------------------------
 
 
 def decode_client(data: bytes, *, max_message_bytes: int | None = None) -> ClientMessage:
     """Decode and check a client → worker frame; raises FrameError only."""
-    return _decode(data, max_message_bytes, _CLIENT_DECODERS)  # type: ignore[no-any-return]
+    return _decode(data, max_message_bytes, _CLIENT_TYPES)  # type: ignore[no-any-return]
 
 
 def decode_worker(data: bytes, *, max_message_bytes: int | None = None) -> WorkerMessage:
     """Decode and check a worker → client frame; raises FrameError only."""
-    return _decode(data, max_message_bytes, _WORKER_DECODERS)  # type: ignore[no-any-return]
+    return _decode(data, max_message_bytes, _WORKER_TYPES)  # type: ignore[no-any-return]
 
 
-def _decode(
-    data: bytes, limit: int | None, decoders: Mapping[str, Callable[[_Fields], Any]]
-) -> Any:
+def _decode(data: bytes, limit: int | None, decoders: Mapping[str, type]) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError("bad_frame", "a frame must be bytes")
     if limit is not None and len(data) > limit:
@@ -390,9 +194,7 @@ def _decode(
         raise FrameError("internal", f"decoder failed: {type(exc).__name__}", rid) from exc
 
 
-def _decode_map(
-    obj: dict[Any, Any], rid: str | None, decoders: Mapping[str, Callable[[_Fields], Any]]
-) -> Any:
+def _decode_map(obj: dict[Any, Any], rid: str | None, decoders: Mapping[str, type]) -> Any:
     if _too_deep(obj):
         raise FrameError("bad_frame", f"the frame nests deeper than {MAX_DEPTH} levels", rid)
     version = obj.get("v")
@@ -404,16 +206,14 @@ def _decode_map(
             rid,
         )
     kind = obj.get("type")
-    decoder = decoders.get(kind) if isinstance(kind, str) else None
-    if decoder is None:
+    cls = decoders.get(kind) if isinstance(kind, str) else None
+    if cls is None:
         raise FrameError("unknown_type", f"unknown message type {_brief(kind)}", rid)
-    return decoder(_Fields(obj, str(kind), rid))
+    return _read_message(cls, _Fields(obj, str(kind), rid))
 
 
 def _readable_id(value: Any) -> str | None:
-    if isinstance(value, str) and 0 < len(value.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES:
-        return value
-    return None
+    return value if is_request_id(value) else None
 
 
 def _too_deep(obj: Any) -> bool:
@@ -454,14 +254,6 @@ def _brief(value: Any) -> str:
     return f"({_kind(value)})"
 
 
-def _is_int(value: Any) -> bool:
-    return type(value) is int
-
-
-def _is_number(value: Any) -> bool:
-    return type(value) in (int, float)
-
-
 class _Fields:
     """Typed reads from one decoded map; any failure raises FrameError (nil reads as absent)."""
 
@@ -473,116 +265,69 @@ class _Fields:
     def fail(self, name: str, problem: str, code: str = "invalid_request") -> NoReturn:
         raise FrameError(code, f"{self.where}.{name} {problem}", self.request_id)
 
-    def get(self, name: str) -> Any:
-        return self.data.get(name)
-
-    def required(self, name: str) -> Any:
-        value = self.data.get(name)
-        if value is None:
-            self.fail(name, "is required")
-        return value
-
-    def text(self, name: str) -> str:
-        value = self.required(name)
-        if not isinstance(value, str):
-            self.fail(name, f"must be a str, got {_kind(value)}")
-        return value
-
-    def opt_text(self, name: str) -> str | None:
-        return None if self.get(name) is None else self.text(name)
-
-    def request_id_field(self) -> str:
-        value = self.text("id")
-        if _readable_id(value) is None:
-            self.fail("id", f"must be 1 to {MAX_ID_BYTES} bytes of UTF-8")
-        return value
-
-    def opt_request_id(self) -> str | None:
-        return None if self.get("id") is None else self.request_id_field()
-
-    def integer(self, name: str, low: int = 0, high: int = MAX_COUNT) -> int:
-        value = self.required(name)
-        if not _is_int(value):
-            self.fail(name, f"must be an int, got {_kind(value)}")
-        if not low <= value <= high:
-            self.fail(name, f"must be in [{low}, {high}], got {value}")
-        return int(value)
-
-    def number(self, name: str, *, positive: bool = False) -> float:
-        value = self.required(name)
-        if not _is_number(value) or not math.isfinite(value):
-            self.fail(name, f"must be a finite number, got {_brief(value)}")
-        if positive and value <= 0:
-            self.fail(name, f"must be > 0, got {value}")
-        return float(value)
-
-    def flag(self, name: str, default: bool | None = None) -> bool:
-        value = self.get(name) if default is not None else self.required(name)
-        if value is None and default is not None:
-            return default
-        if not isinstance(value, bool):
-            self.fail(name, f"must be a bool, got {_kind(value)}")
-        return value
-
-    def tokens(self, name: str) -> list[int]:
-        value = self.required(name)
-        if not isinstance(value, list) or not all(type(t) is int for t in value):
-            self.fail(name, "must be an array of ints")
-        if value and not (0 <= min(value) and max(value) <= MAX_TOKEN_ID):
-            self.fail(name, f"must hold token ids in [0, {MAX_TOKEN_ID}]")
-        return list(value)
-
-    def opt_tokens(self, name: str) -> list[int] | None:
-        return None if self.get(name) is None else self.tokens(name)
-
-    def submap(self, name: str) -> _Fields:
-        value = self.required(name)
-        if not isinstance(value, dict):
-            self.fail(name, f"must be a map, got {_kind(value)}")
-        return _Fields(value, f"{self.where}.{name}", self.request_id)
-
-    def messages(self, name: str) -> list[ChatMessage]:
-        value = self.required(name)
-        if not isinstance(value, list):
-            self.fail(name, f"must be an array of maps, got {_kind(value)}")
-        out = []
-        for i, item in enumerate(value):
-            self.plain(f"{name}[{i}]", item)
-            try:
-                out.append(ChatMessage.from_dict(item))
-            except (ValueError, TypeError) as exc:
-                self.fail(f"{name}[{i}]", f"is not a chat message: {exc}")
-        return out
-
-    def opt_messages(self, name: str) -> list[ChatMessage] | None:
-        return None if self.get(name) is None else self.messages(name)
-
-    def options(self, name: str) -> ChatTemplateOptions | None:
-        value = self.get(name)
-        if value is None:
-            return None
-        self.plain(name, value)
+    def read(self, spec: FieldSpec, tag: str, *, record: bool = False) -> Any:
+        """One field's value; in a record (section 6 `always` tables) only nullables may lack."""
+        name = spec.name
+        raw = self.data.get(name)
+        if raw is None:
+            if spec.required or (record and not spec.optional):
+                self.fail(name, "is required")
+            return spec.fresh_default()
+        if tag == "str":  # the common case first: ids and text
+            if not isinstance(raw, str):
+                self.fail(name, f"must be a str, got {_kind(raw)}")
+            return raw
+        if tag == "tokens":
+            if not isinstance(raw, list) or not all(type(t) is int for t in raw):
+                self.fail(name, "must be an array of ints")
+            if raw and not (0 <= min(raw) and max(raw) <= MAX_TOKEN_ID):
+                self.fail(name, f"must hold token ids in [0, {MAX_TOKEN_ID}]")
+            return raw
+        if tag == "params":
+            return self.structure(name, raw, GenerationParameters.from_dict, "invalid_parameters")
+        if tag == "options":
+            return self.structure(name, raw, ChatTemplateOptions.from_dict)
+        if tag == "messages":
+            if not isinstance(raw, list):
+                self.fail(name, f"must be an array of maps, got {_kind(raw)}")
+            build = ChatMessage.from_dict
+            return [self.structure(f"{name}[{i}]", m, build) for i, m in enumerate(raw)]
+        if tag == "record":
+            if not isinstance(raw, dict):
+                self.fail(name, f"must be a map, got {_kind(raw)}")
+            return _read_record(spec.inner, _Fields(raw, f"{self.where}.{name}", self.request_id))
         try:
-            return ChatTemplateOptions.from_dict(value)
-        except (ValueError, TypeError) as exc:
-            self.fail(name, f"is invalid: {exc}")
+            value = coerce(spec.inner, raw)
+        except ValueError as exc:
+            self.fail(name, str(exc))
+        self.check(spec, value)
+        return value
 
-    def params(self, name: str) -> GenerationParameters:
-        value = self.get(name)
-        if value is None:
-            return GenerationParameters()
-        code = "invalid_parameters"
-        if not isinstance(value, dict):
-            self.fail(name, f"must be a map, got {_kind(value)}", code)
-        bias = value.get("logit_bias")
-        if isinstance(bias, dict):
-            for key in bias:
-                if not _token_key(key):
-                    self.fail(f"{name}.logit_bias", f"has a bad key {_brief(key)}", code)
+    def check(self, spec: FieldSpec, value: Any) -> None:
+        """The wire's own ranges: counts, finite floats, plain `any` values."""
+        kind, name = spec.inner, spec.name
+        if kind is int:
+            low = spec.field.metadata.get(MIN, 0)
+            if not low <= value <= MAX_COUNT:
+                self.fail(name, f"must be in [{low}, {MAX_COUNT}], got {value}")
+        elif kind is float:
+            if not math.isfinite(value):
+                self.fail(name, f"must be a finite number, got {value}")
+            if spec.field.metadata.get(POSITIVE) and value <= 0:
+                self.fail(name, f"must be > 0, got {value}")
+        elif kind == dict[str, Any]:
+            self.plain(name, value)
+
+    def structure(self, name: str, raw: Any, build: Any, code: str = "invalid_request") -> Any:
+        """A section 6 structure, built (and checked) by its own type."""
+        if code == "invalid_request":
+            self.plain(name, raw)
+        elif not isinstance(raw, dict):
+            self.fail(name, f"must be a map, got {_kind(raw)}", code)
         try:
-            return GenerationParameters.from_dict(value)
+            return build(raw)
         except (ValueError, TypeError, OverflowError) as exc:
-            self.fail(name, f"are invalid: {exc}", code)
+            self.fail(name, f"is invalid: {exc}", code)
 
     def plain(self, name: str, value: Any) -> None:
         """Free-form values hold only nil, bool, int, float, str, arrays and str-keyed maps."""
@@ -600,146 +345,65 @@ class _Fields:
             self.fail(name, f"must not hold {_kind(value)} values")
 
 
-def _token_key(key: Any) -> bool:
-    """A logit_bias key: a canonical decimal string (or, leniently, an int)."""
-    if _is_int(key):
-        return True
-    return (
-        isinstance(key, str)
-        and 0 < len(key) <= 10
-        and key.isascii()
-        and key.isdigit()
-        and (key == "0" or key[0] != "0")
-    )
+def _read_message(cls: type, r: _Fields) -> Any:
+    """Read every field, then let the message check itself (its `__post_init__`).
 
-
-# -- per-message decoders ----------------------------------------------------------------------
-
-
-def _generate(r: _Fields) -> Generate:
-    rid = r.request_id_field()
-    given = [name for name in ("prompt", "tokens", "messages") if r.get(name) is not None]
-    if len(given) != 1:
-        r.fail("prompt", f"/tokens/messages: give exactly one, got {given or 'none'}")
-    return Generate(
-        id=rid,
-        prompt=r.opt_text("prompt"),
-        tokens=r.opt_tokens("tokens"),
-        messages=r.opt_messages("messages"),
-        options=r.options("options"),
-        add_special_tokens=r.flag("add_special_tokens", True),
-        params=r.params("params"),  # last: invalid_request outranks invalid_parameters
-    )
-
-
-def _limits(r: _Fields) -> Limits:
-    return Limits(**{f.name: r.integer(f.name) for f in fields(Limits)})
-
-
-def _stats(r: _Fields) -> GenerationStats:
+    Problems in `params` are reported last: invalid_request outranks invalid_parameters.
+    """
     values: dict[str, Any] = {}
-    for f in fields(GenerationStats):
-        if f.name not in _STATS_FLOATS:
-            values[f.name] = r.integer(f.name)
-        elif f.default is None and r.get(f.name) is None:
-            values[f.name] = None
-        else:
-            values[f.name] = r.number(f.name)
-    return GenerationStats(**values)
+    bad_params: FrameError | None = None
+    for spec, tag in _plan(cls):
+        try:
+            values[spec.name] = r.read(spec, tag)
+        except FrameError as exc:
+            if exc.code != "invalid_parameters":
+                raise
+            bad_params = bad_params or exc
+    message = _construct(cls, values, r)
+    if bad_params is not None:
+        raise bad_params
+    return message
 
 
-def _chunk(r: _Fields) -> Chunk:
-    rid = r.request_id_field()
-    reason = r.get("finish_reason")
-    if reason is not None and reason not in FINISH_REASONS:
-        r.fail("finish_reason", f"must be one of {', '.join(FINISH_REASONS)}")
-    stats = _stats(r.submap("stats")) if r.get("stats") is not None else None
-    chunk = Chunk(
-        id=rid,
-        text=r.text("text"),
-        tokens=r.tokens("tokens"),
-        position=r.integer("position"),
-        finish_reason=reason,
-        stats=stats,
-    )
-    if (reason is None) != (stats is None):
-        r.fail("stats", "and finish_reason must come together (final chunk only)")
-    if stats is not None and (chunk.text or chunk.tokens):
-        r.fail("text", "and tokens must be empty in the final chunk")
-    return chunk
+def _read_record(cls: type, r: _Fields) -> Any:
+    values = {spec.name: r.read(spec, tag, record=True) for spec, tag in _plan(cls)}
+    return _construct(cls, values, r)
 
 
-def _quantization(r: _Fields) -> dict[str, Any] | None:
-    if r.get("quantization") is None:
-        return None
-    q = r.submap("quantization")
-    q.integer("group_size", 1)
-    q.integer("bits", 1, 64)
-    r.plain("quantization", r.get("quantization"))
-    return dict(q.data)
+_PLANS: dict[type, tuple[tuple[FieldSpec, str], ...]] = {}
 
 
-def _info_reply(r: _Fields) -> InfoReply:
-    return InfoReply(
-        id=r.request_id_field(),
-        model=r.text("model"),
-        architecture=r.text("architecture"),
-        context_length=r.integer("context_length"),
-        dtype=r.text("dtype"),
-        quantization=_quantization(r),
-        has_chat_template=r.flag("has_chat_template"),
-        limits=_limits(r.submap("limits")),
-        running=r.integer("running"),
-        waiting=r.integer("waiting"),
-        kv_cache_bytes=r.integer("kv_cache_bytes"),
-        blas=r.text("blas"),
-        frames_sent=None if r.get("frames_sent") is None else r.integer("frames_sent"),
-        service_cpu_s=None if r.get("service_cpu_s") is None else r.number("service_cpu_s"),
-    )
+def _plan(cls: type) -> tuple[tuple[FieldSpec, str], ...]:
+    """Each field with how to read it, worked out once per class (decoding is per chunk)."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple((spec, _tag(spec.inner)) for spec in specs(cls))
+    return plan
 
 
-_CLIENT_DECODERS: dict[str, Callable[[_Fields], ClientMessage]] = {
-    "hello": lambda r: Hello(client=r.opt_text("client")),
-    "generate": _generate,
-    "cancel": lambda r: Cancel(id=r.request_id_field()),
-    "ping": lambda r: Ping(id=r.opt_request_id()),
-    "info": lambda r: InfoRequest(id=r.request_id_field()),
-    "tokenize": lambda r: TokenizeRequest(
-        id=r.request_id_field(),
-        text=r.text("text"),
-        add_special_tokens=r.flag("add_special_tokens", True),
-    ),
-    "detokenize": lambda r: DetokenizeRequest(
-        id=r.request_id_field(),
-        tokens=r.tokens("tokens"),
-        skip_special_tokens=r.flag("skip_special_tokens", True),
-    ),
-    "render": lambda r: RenderRequest(
-        id=r.request_id_field(), messages=r.messages("messages"), options=r.options("options")
-    ),
-}
+def _tag(kind: Any) -> str:
+    tags: list[tuple[Any, str]] = [
+        (str, "str"),
+        (list[int], "tokens"),
+        (GenerationParameters, "params"),
+        (ChatTemplateOptions, "options"),
+        (list[ChatMessage], "messages"),
+        (Limits, "record"),
+        (GenerationStats, "record"),
+    ]
+    return next((tag for k, tag in tags if kind == k), "value")
 
-_WORKER_DECODERS: dict[str, Callable[[_Fields], WorkerMessage]] = {
-    "welcome": lambda r: Welcome(
-        protocol=r.integer("protocol", 1),
-        server=r.text("server"),
-        model=r.text("model"),
-        heartbeat_interval_s=r.number("heartbeat_interval_s", positive=True),
-        limits=_limits(r.submap("limits")),
-    ),
-    "chunk": _chunk,
-    "error": lambda r: Error(id=r.opt_request_id(), code=r.text("code"), message=r.text("message")),
-    "pong": lambda r: Pong(
-        id=r.opt_request_id(), running=r.integer("running"), waiting=r.integer("waiting")
-    ),
-    "info": _info_reply,
-    "tokenize": lambda r: TokenizeReply(id=r.request_id_field(), tokens=r.tokens("tokens")),
-    "detokenize": lambda r: DetokenizeReply(id=r.request_id_field(), text=r.text("text")),
-    "render": lambda r: RenderReply(
-        id=r.request_id_field(), text=r.text("text"), tokens=r.tokens("tokens")
-    ),
-}
+
+def _construct(cls: type, values: dict[str, Any], r: _Fields) -> Any:
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise FrameError("invalid_request", f"{r.where}: {exc}", r.request_id) from None
+
+
+_CLIENT_TYPES: dict[str, type] = {cls.TYPE: cls for cls in CLIENT_MESSAGES}
+_WORKER_TYPES: dict[str, type] = {cls.TYPE: cls for cls in WORKER_MESSAGES}
 
 # The closed message sets, in SPEC.md's order.
-CLIENT_MESSAGE_TYPES: tuple[str, ...] = tuple(_CLIENT_DECODERS)
-WORKER_MESSAGE_TYPES: tuple[str, ...] = tuple(_WORKER_DECODERS)
+CLIENT_MESSAGE_TYPES: tuple[str, ...] = tuple(_CLIENT_TYPES)
+WORKER_MESSAGE_TYPES: tuple[str, ...] = tuple(_WORKER_TYPES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from ffai_client.errors import WorkerUnavailable
+from ffai_client.errors import ClientClosed, WorkerUnavailable
 from ffai_client.types import GenerationChunk
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ class GenerationStream:
 
     def _start(self) -> asyncio.Queue[Any]:
         if self._queue is None:
-            self._queue = self._client.start_stream(self._request, self._request_timeout)
+            self._queue = self._client._open_stream(self._request, self._request_timeout)
         return self._queue
 
     async def __aenter__(self) -> GenerationStream:
@@ -81,19 +81,19 @@ class GenerationStream:
         # frame still lands in our queue (then the client forgets the id), so a
         # later `aclose()` can collect it.
         if not self._done and self._queue is not None:
-            self._client.cancel_nowait(self.request_id)
+            self._client._send_cancel(self.request_id)
 
     async def cancel(self) -> None:
         """Ask the worker to stop; keep iterating to receive the `cancelled` final chunk."""
         if self._queue is not None and not self._done:
-            self._client.cancel_nowait(self.request_id)
+            self._client._send_cancel(self.request_id)
 
     async def aclose(self) -> None:
         """Cancel if unfinished and wait (up to the client's timeout) for the terminal frame."""
         if self._done or self._queue is None:
             self._done = True
             return
-        self._client.cancel_nowait(self.request_id)
+        self._client._send_cancel(self.request_id)
         try:
             while not self._done:
                 item = await asyncio.wait_for(self._queue.get(), self._client.timeout)
@@ -101,7 +101,7 @@ class GenerationStream:
                     self._take(item)
                 except Exception:
                     break
-        except (TimeoutError, WorkerUnavailable):
+        except (TimeoutError, WorkerUnavailable, ClientClosed):
             pass
         finally:
             self._finish()
@@ -110,7 +110,7 @@ class GenerationStream:
         # Dropped mid-stream (e.g. `break` out of a bare `async for`): still cancel.
         if not self._done and self._queue is not None:
             try:
-                self._client.cancel_nowait(self.request_id)
+                self._client._send_cancel(self.request_id)
                 self._client._forget(self.request_id)
             except Exception:
                 pass

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from ffai_client import protocol as p
 from ffai_client.client import DEFAULT_HEARTBEAT, DEFAULT_TIMEOUT, AsyncClient
+from ffai_client.errors import ClientClosed
 from ffai_client.stream import GenerationStream
 from ffai_client.types import (
     ChatMessage,
@@ -48,15 +49,21 @@ class Client:
         self.endpoint = self._async.endpoint
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()  # never awaited: say so quietly, not with a RuntimeWarning
+            raise ClientClosed("this client is closed; create a new one")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __enter__(self) -> Client:
+        if self._loop.is_closed():
+            raise ClientClosed("this client is closed; create a new one")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
+        """Close the client (idempotent); later calls raise `ClientClosed`."""
         if self._loop.is_closed():
             return
         self._run(self._async.aclose())
@@ -73,7 +80,12 @@ class Client:
         parameters: GenerationParameters | None = None,
         options: ChatTemplateOptions | None = None,
         add_special_tokens: bool = True,
+        request_id: str | None = None,
+        request_timeout: float | None = None,
     ) -> SyncGenerationStream:
+        """Stream a generation: `for chunk in client.generate_stream(...)` (see AsyncClient)."""
+        if self._loop.is_closed():
+            raise ClientClosed("this client is closed; create a new one")
         stream = self._async.generate_stream(
             prompt,
             messages=messages,
@@ -81,11 +93,36 @@ class Client:
             parameters=parameters,
             options=options,
             add_special_tokens=add_special_tokens,
+            request_id=request_id,
+            request_timeout=request_timeout,
         )
         return SyncGenerationStream(self, stream)
 
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
-        return self._run(self._async.generate(prompt, **kwargs))
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[ChatMessage] | None = None,
+        tokens: Sequence[int] | None = None,
+        parameters: GenerationParameters | None = None,
+        options: ChatTemplateOptions | None = None,
+        add_special_tokens: bool = True,
+        request_id: str | None = None,
+        request_timeout: float | None = None,
+    ) -> GenerationResult:
+        """Run a generation to the end and collect it."""
+        return self._run(
+            self._async.generate(
+                prompt,
+                messages=messages,
+                tokens=tokens,
+                parameters=parameters,
+                options=options,
+                add_special_tokens=add_special_tokens,
+                request_id=request_id,
+                request_timeout=request_timeout,
+            )
+        )
 
     def cancel(self, request_id: str) -> None:
         self._run(self._async.cancel(request_id))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+from ffai_client._wire import ALWAYS, read_map, to_wire_map
 
 FinishReason = Literal["stop", "length", "cancelled"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled")
@@ -53,13 +55,13 @@ class GenerationStats:
         return _rate(max(self.generated_tokens - 1, 0), self.decode_time_s)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Wire form: every field, always (SPEC 6.4), floats as floats."""
+        return to_wire_map(self, omit_defaults=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationStats:
         """Build from a wire map; unknown keys are ignored (additive protocol)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**read_map(cls, data))
 
     def formatted(self) -> str:
         """Render the human-readable `[STATS]` block."""
@@ -186,95 +188,19 @@ class GenerationParameters:
             raise ValueError("invalid generation parameters: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        """Wire form: only fields that differ from the defaults, logit_bias keys as strings."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value == _DEFAULTS[f.name]:
-                continue
-            if f.name == "logit_bias":
-                value = {str(k): float(v) for k, v in value.items()}
-            elif isinstance(value, list):
-                value = list(value)
-            out[f.name] = value
-        return out
+        """Wire form: fields that differ from the defaults; logit_bias sorted, keys as strings."""
+        return to_wire_map(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationParameters:
         """Build from a wire map. Unknown keys are ignored; bad values raise ValueError."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in data:
-                continue
-            kwargs[f.name] = _coerce_field(f.name, data[f.name])
-        return cls(**kwargs)
+        return cls(**read_map(cls, data))
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float))) and not isinstance(value, bool)
-
-
-_INT_FIELDS = {"max_tokens", "top_k"}
-_OPT_INT_FIELDS = {"repetition_context_size", "seed", "prefill_step_size"}
-_FLOAT_FIELDS = {
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-}
-
-
-def _coerce_field(name: str, value: Any) -> Any:
-    """Check one wire field's type and convert it to the dataclass's type."""
-    if name in _INT_FIELDS or (name in _OPT_INT_FIELDS and value is not None):
-        if not _is_int(value):
-            raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
-        return value
-    if name in _OPT_INT_FIELDS:
-        return None
-    if name in _FLOAT_FIELDS or (name == "temperature" and value is not None):
-        if not _is_number(value):
-            raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-        return float(value)
-    if name == "temperature":
-        return None
-    if name == "stop_on_eos":
-        if not isinstance(value, bool):
-            raise ValueError("stop_on_eos must be a boolean")
-        return value
-    if name == "logit_bias":
-        return _coerce_logit_bias(value)
-    if name == "stop":
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise ValueError("stop must be a list of strings")
-        return list(value)
-    if name == "stop_token_ids":
-        if not isinstance(value, list) or not all(_is_int(t) for t in value):
-            raise ValueError("stop_token_ids must be a list of integers")
-        return list(value)
-    raise ValueError(f"unknown parameter {name}")  # pragma: no cover - fields are closed
-
-
-def _coerce_logit_bias(value: Any) -> dict[int, float]:
-    if not isinstance(value, Mapping):
-        raise ValueError("logit_bias must be a map from token id to bias")
-    out: dict[int, float] = {}
-    for key, bias in value.items():
-        try:
-            token = int(key) if isinstance(key, str) else key
-        except ValueError:
-            raise ValueError(f"logit_bias key {key!r} is not a token id") from None
-        if not _is_int(token):
-            raise ValueError(f"logit_bias key {key!r} is not a token id")
-        if not _is_number(bias):
-            raise ValueError(f"logit_bias value for {key!r} must be a number")
-        out[token] = float(bias)
-    return out
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The rule only a loaded model can apply: logit_bias ids below its vocabulary size."""
+        for token in self.logit_bias:
+            if token >= vocab_size:
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary")
 
 
 def _parameter_problems(p: GenerationParameters) -> Sequence[str]:
@@ -324,74 +250,36 @@ def _parameter_problems(p: GenerationParameters) -> Sequence[str]:
     return problems
 
 
-_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 256,
-    "temperature": None,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "repetition_context_size": None,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logit_bias": {},
-    "seed": None,
-    "stop": [],
-    "stop_token_ids": [],
-    "stop_on_eos": True,
-    "prefill_step_size": None,
-}
-
-
 @dataclass(frozen=True)
 class ChatMessage:
     """One chat turn. `content` is a string or a list of parts ({"type": "text", ...})."""
 
     role: str
-    content: MessageContent | None = ""
+    # Always written (nil included): nil is a real value here, not absence (SPEC 6.3).
+    content: MessageContent | None = field(default="", metadata={ALWAYS: True})
     thinking: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, str) or not self.role:
+            raise ValueError("a chat message needs a non-empty string role")
+
     def to_dict(self) -> dict[str, Any]:
         """The template-facing (and wire) form: omitted optionals stay absent."""
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
-        for key in ("thinking", "tool_calls", "tool_call_id", "name"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        return out
+        return to_wire_map(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChatMessage:
         if not isinstance(data, Mapping):
             raise ValueError("a chat message must be a map")
-        role = data.get("role")
-        if not isinstance(role, str) or not role:
-            raise ValueError("a chat message needs a non-empty string role")
-        content = data.get("content", "")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ValueError("message content must be a string, a list of parts, or nil")
-        if isinstance(content, list) and not all(isinstance(p, Mapping) for p in content):
-            raise ValueError("message content parts must be maps")
-        thinking = data.get("thinking", data.get("reasoning_content"))
-        tool_calls = data.get("tool_calls")
-        if tool_calls is not None and not isinstance(tool_calls, list):
-            raise ValueError("tool_calls must be a list")
-        for key in ("tool_call_id", "name"):
-            if data.get(key) is not None and not isinstance(data.get(key), str):
-                raise ValueError(f"{key} must be a string")
-        if thinking is not None and not isinstance(thinking, str):
-            raise ValueError("thinking must be a string")
-        return cls(
-            role=role,
-            content=content,
-            thinking=thinking,
-            tool_calls=tool_calls,
-            tool_call_id=data.get("tool_call_id"),
-            name=data.get("name"),
-        )
+        if data.get("thinking") is None and data.get("reasoning_content") is not None:
+            data = {**data, "thinking": data["reasoning_content"]}  # the accepted alias
+        kwargs = read_map(cls, data)
+        if "content" in data and data["content"] is None:
+            kwargs["content"] = None
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -401,43 +289,28 @@ class ChatTemplateOptions:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     enable_thinking: bool | None = None
-    tools: list[dict[str, Any]] | None = None
-    documents: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+    documents: list[Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Wire form: only fields that differ from the defaults."""
-        out: dict[str, Any] = {}
-        defaults = ChatTemplateOptions()
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value != getattr(defaults, f.name):
-                out[f.name] = value
-        return out
+        return to_wire_map(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ChatTemplateOptions:
-        if not isinstance(data, Mapping):
-            raise ValueError("chat options must be a map")
-        kwargs: dict[str, Any] = {}
-        for key in ("add_generation_prompt", "continue_final_message"):
-            if key in data:
-                if not isinstance(data[key], bool):
-                    raise ValueError(f"{key} must be a boolean")
-                kwargs[key] = data[key]
-        if data.get("enable_thinking") is not None:
-            if not isinstance(data["enable_thinking"], bool):
-                raise ValueError("enable_thinking must be a boolean or nil")
-            kwargs["enable_thinking"] = data["enable_thinking"]
-        for key in ("tools", "documents"):
-            if data.get(key) is not None:
-                if not isinstance(data[key], list):
-                    raise ValueError(f"{key} must be a list")
-                kwargs[key] = data[key]
-        if "extra" in data:
-            if not isinstance(data["extra"], Mapping) or not all(
-                isinstance(k, str) for k in data["extra"]
-            ):
-                raise ValueError("extra must be a map with string keys")
-            kwargs["extra"] = dict(data["extra"])
-        return cls(**kwargs)
+        return cls(**read_map(cls, data))
+
+
+PROMPT_INPUTS: tuple[str, ...] = ("prompt", "tokens", "messages")
+
+
+def check_prompt_input(prompt: object, tokens: object, messages: object) -> None:
+    """The one rule on a generation's input: exactly one of prompt, tokens, messages."""
+    given = [
+        n for n, v in zip(PROMPT_INPUTS, (prompt, tokens, messages), strict=True) if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            f"give exactly one of prompt, tokens or messages, got {' and '.join(given) or 'none'}"
+        )

@@ -22,6 +22,7 @@ from ffai_client.types import (
     GenerationChunk,
     GenerationParameters,
     GenerationResult,
+    check_prompt_input,
 )
 from ffai_worker.kv_cache import SlotCache
 from ffai_worker.loading import LoadedModelInfo, load_model, resolve_model_path
@@ -120,11 +121,10 @@ class Engine:
     ) -> EngineRequest:
         """Validate and tokenize one request; raises RequestRejected with a protocol code."""
         params = parameters or GenerationParameters()
-        given = sum(x is not None for x in (prompt, tokens, messages))
-        if given != 1:
-            raise RequestRejected(
-                "invalid_request", "give exactly one of prompt, tokens or messages"
-            )
+        try:
+            check_prompt_input(prompt, tokens, messages)
+        except ValueError as exc:
+            raise RequestRejected("invalid_request", str(exc)) from None
         if prompt is not None:
             self._check_text_bytes(prompt, "prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
@@ -188,12 +188,10 @@ class Engine:
             raise RequestRejected(
                 "invalid_parameters", f"max_tokens {params.max_tokens} exceeds this worker's {cap}"
             )
-        vocab = self.tokenizer.vocab_size
-        for token in params.logit_bias:
-            if token >= vocab:
-                raise RequestRejected(
-                    "invalid_parameters", f"logit_bias token id {token} is outside the vocabulary"
-                )
+        try:
+            params.check_vocabulary(self.tokenizer.vocab_size)
+        except ValueError as exc:
+            raise RequestRejected("invalid_parameters", str(exc)) from None
 
     def submit(self, request: EngineRequest) -> Sequence:
         """Queue a request; raises RequestRejected('busy') when the queue is full."""

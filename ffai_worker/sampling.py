@@ -173,8 +173,9 @@ class Sampler:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+        params.check_vocabulary(vocab_size)
         self._bias_ids, self._bias_values, self._forced, self._has_ban = _split_bias(
-            params.logit_bias, vocab_size
+            params.logit_bias
         )
         # Batchable: the engine may argmax all such rows in one op.
         self.is_greedy_fast = self.greedy and not self.uses_history and not params.logit_bias
@@ -323,12 +324,9 @@ def _token_ids(vocab: int) -> mx.array:
 
 
 def _split_bias(
-    bias: Mapping[int, float], vocab_size: int
+    bias: Mapping[int, float],
 ) -> tuple[mx.array | None, mx.array | None, int | None, bool]:
     """(ids, values) of the additive biases, the forced (+inf) token, whether any ban (-inf)."""
-    for token in bias:
-        if not 0 <= token < vocab_size:
-            raise ValueError(f"logit_bias token id {token} is outside the vocabulary")
     forced = [t for t, b in bias.items() if b == math.inf]
     additive = {t: b for t, b in bias.items() if b != math.inf}
     if not additive:

@@ -246,7 +246,7 @@ def _check_fields(rows: list[list[str]], cls: type, where: str) -> None:
         elif "Default" in cells and cells.get("Req") != "always":
             wire_default = default_of(f)
             if isinstance(wire_default, GenerationParameters):
-                wire_default = p.params_to_wire(wire_default)
+                wire_default = wire_default.to_dict()
             assert _spec_default(cells["Default"]) == wire_default, f"{where}.{f.name}"
 
 
@@ -344,7 +344,7 @@ def test_nesting_limit(depth: int, ok: bool) -> None:
 
 def test_worker_frames_are_checked() -> None:
     chunk = p.to_wire(p.Chunk(id="a", text="", tokens=[], position=3))
-    stats = p.stats_to_wire(GenerationStats())
+    stats = GenerationStats().to_dict()
     final = {**chunk, "finish_reason": "stop", "stats": stats}
     pong = {"v": 1, "type": "pong", "running": 0, "waiting": 0}
     welcome = p.to_wire(
@@ -541,3 +541,35 @@ def _decodes_or_frame_error(decode: Any, data: bytes, codes: set[str]) -> None:
 def test_decoders_only_raise_frame_errors(data: bytes) -> None:
     _decodes_or_frame_error(p.decode_client, data, CLIENT_CODES)
     _decodes_or_frame_error(p.decode_worker, data, CODEC_CODES)
+
+
+# -- one rule, one place -----------------------------------------------------------------------
+
+
+def test_message_rules_are_the_types_rules() -> None:
+    """The codec refuses what the types refuse, with the types' own words."""
+    cases = [
+        (gen(tokens=[1]), lambda: p.Generate(id="g", prompt="x", tokens=[1])),
+        (gen(id="é" * 129), lambda: p.Generate(id="é" * 129, prompt="x")),
+        (gen(params={"top_p": 7}), lambda: GenerationParameters(top_p=7)),
+        (gen(params={"logit_bias": {"007": 1}}), lambda: GenerationParameters.from_dict(
+            {"logit_bias": {"007": 1}})),
+        (gen(prompt=None, messages=[{"role": ""}]), lambda: ChatMessage(role="")),
+    ]  # fmt: skip
+    for frame, build in cases:
+        with pytest.raises(ValueError) as typed_error:
+            build()
+        with pytest.raises(p.FrameError) as wire_error:
+            p.decode_client(pack(frame))
+        assert str(typed_error.value) in wire_error.value.message
+
+
+def test_nil_is_absence_inside_structures() -> None:
+    """SPEC 2.3 rule 1 holds in section 6 structures too (but nil content is a value)."""
+    params = {"max_tokens": None, "stop": None, "temperature": None, "stop_on_eos": None}
+    options = {"add_generation_prompt": None, "extra": None}
+    msg = p.decode_client(pack(gen(params=params, options=options)))
+    assert isinstance(msg, p.Generate)
+    assert msg.params == GenerationParameters() and msg.options == ChatTemplateOptions()
+    chat = p.decode_client(pack(gen(prompt=None, messages=[{"role": "a", "content": None}])))
+    assert isinstance(chat, p.Generate) and chat.messages == [ChatMessage("a", None)]
