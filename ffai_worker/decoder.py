@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
@@ -74,6 +75,7 @@ class BatchedDecoder:
             compiled = os.environ.get("FFAI_COMPILE", "1") != "0"
         self.compiled = compiled
         self._traces: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._owner: int | None = None  # the thread that built and runs `_traces`
         self._checked = not compiled  # the first compiled step proves the JIT works here
 
     def _step(
@@ -112,6 +114,13 @@ class BatchedDecoder:
         return logits[:n] if slots > n else logits  # (n, V)
 
     def _trace(self, width: int) -> Callable[..., Any]:
+        # MLX caches compiled graphs per thread, keyed by the function's address, and
+        # dropping a function clears only the last calling thread's cache. A trace run on
+        # two threads left its graph (old width, old weights) for whatever function next
+        # took that address; so each thread gets traces of its own.
+        if self._owner != threading.get_ident():
+            self._traces.clear()
+            self._owner = threading.get_ident()
         fn = self._traces.get(width)
         if fn is None:
             step = partial(self._step, width)
