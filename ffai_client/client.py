@@ -157,7 +157,9 @@ class AsyncClient:
         sock.setsockopt(zmq.IPV6, 1)
         ivl = max(1, int(self.heartbeat_interval * 1000))
         sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
+        # A ping goes out at most one interval after the peer froze, then has two
+        # intervals to be answered: a frozen worker is dropped within 3 intervals.
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2 * ivl)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(self.endpoint)

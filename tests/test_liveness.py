@@ -162,8 +162,8 @@ def test_stopped_worker_noticed_within_heartbeat_timeout() -> None:
                 elapsed = time.monotonic() - t0
             finally:
                 os.kill(worker.proc.pid, signal.SIGCONT)
-            # 3 heartbeats of silence, plus up to one interval of phase and the loop's tick.
-            assert elapsed < 3 * HEARTBEAT_S + 1.0, f"noticed after {elapsed:.2f} s"
+            # Within 3 heartbeat intervals (SPEC 8), plus the watchdog tick and a loaded machine.
+            assert elapsed < 3 * HEARTBEAT_S + 0.5, f"noticed after {elapsed:.2f} s"
 
     try:
         asyncio.run(main())
