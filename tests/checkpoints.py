@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+SLIDING_WINDOW = 12  # windowed test models: prompts of 5-65 tokens run past it
+
 LLAMA3_ROPE_SCALING: dict[str, Any] = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -40,7 +42,7 @@ def build_checkpoint(
     max_shard_size: str | int | None = None,
     **config: Any,
 ) -> Path:
-    """Write a random `model_type` ("llama", "mistral", "qwen2", "qwen3") checkpoint to `path`.
+    """Write a random checkpoint of a transformers `model_type` ("llama", "qwen3", ...) to `path`.
 
     Extra keyword arguments go into the transformers config (e.g. rope_scaling,
     attention_bias, rope_theta). `max_shard_size` (e.g. "100KB") forces sharding.
@@ -100,7 +102,8 @@ def build_llama3_scaled(path: str | Path, **kw: Any) -> Path:
 
 
 def build_mistral(path: str | Path, **kw: Any) -> Path:
-    kw.setdefault("sliding_window", None)  # we do not implement windowed attention
+    """Every layer windowed; a small window so test prompts and outputs run past it."""
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
     return build_checkpoint("mistral", path, **kw)
 
 
@@ -122,11 +125,16 @@ BUILDERS = {
 
 
 def load_reference(path: str | Path) -> Any:
-    """The checkpoint as a float32 transformers model in eval mode (the oracle)."""
+    """The checkpoint as a float32 transformers model in eval mode (the oracle).
+
+    Eager attention: the reference implementation of masks, windows and soft-capping.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(Path(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        Path(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def greedy_reference(model: Any, prompt: list[int], n: int) -> list[int]:
@@ -149,9 +157,7 @@ def greedy_ours(model: Any, prompt: list[int], n: int) -> list[int]:
     """`n` greedy ids from an ffai_worker model: prefill, then one token at a time on KVCache."""
     import mlx.core as mx
 
-    from ffai_worker.models.cache import make_cache
-
-    cache = make_cache(model)
+    cache = model.make_cache()
     logits = model(mx.array([prompt]), cache=cache, last_only=True)
     out: list[int] = []
     for _ in range(n):

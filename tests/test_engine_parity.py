@@ -31,7 +31,7 @@ VOCAB = 512  # the tinystories tokenizer's
 # name -> (builder, weight seed). Seeds picked so every reference row varies (> 10 distinct ids).
 ARCHS: dict[str, tuple[Callable[..., Path], int]] = {
     "llama3_scaled": (checkpoints.build_llama3_scaled, 3),  # prompt + output pass its 32 positions
-    "mistral": (checkpoints.build_mistral, 3),
+    "mistral": (checkpoints.build_mistral, 3),  # every layer windowed (12 positions)
     "qwen2": (checkpoints.build_qwen2, 0),
     "qwen3": (checkpoints.build_qwen3, 0),
 }
