@@ -42,7 +42,7 @@ def build_checkpoint(
     max_shard_size: str | int | None = None,
     **config: Any,
 ) -> Path:
-    """Write a random checkpoint of a transformers `model_type` ("llama", "qwen3", ...) to `path`.
+    """Write a random checkpoint of a transformers `model_type` ("llama", "phi3", ...) to `path`.
 
     Extra keyword arguments go into the transformers config (e.g. rope_scaling,
     attention_bias, rope_theta). `max_shard_size` (e.g. "100KB") forces sharding.
@@ -115,12 +115,50 @@ def build_qwen3(path: str | Path, **kw: Any) -> Path:
     return build_checkpoint("qwen3", path, **kw)
 
 
+# LongRoPE factors for the first 6 of 16 head features (partial_rotary_factor 0.75, as Phi-4-mini).
+PHI3_SHORT_FACTOR = [1.0, 1.05, 1.1, 1.2, 1.3, 1.5]
+PHI3_LONG_FACTOR = [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]
+
+
+def build_phi3(
+    path: str | Path,
+    *,
+    original_max_position_embeddings: int = 1,
+    attention_factor: float | None = 1.2,
+    **kw: Any,
+) -> Path:
+    """Phi-3 with LongRoPE and a sliding window.
+
+    transformers takes the long factors only in forward passes reaching past
+    original_max_position_embeddings (we always do, see base.longrope_periods),
+    so 1 makes every test prompt long; its default attention factor divides
+    by log(original), hence an explicit one here.
+    """
+    rope: dict[str, Any] = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": PHI3_SHORT_FACTOR,
+        "long_factor": PHI3_LONG_FACTOR,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
+    if attention_factor is not None:
+        rope["attention_factor"] = attention_factor
+    kw.setdefault("rope_scaling", rope)
+    kw.setdefault("partial_rotary_factor", 0.75)
+    kw.setdefault("pad_token_id", 0)  # transformers defaults to 32000, outside a tiny vocab
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
+    return build_checkpoint(
+        "phi3", path, original_max_position_embeddings=original_max_position_embeddings, **kw
+    )
+
+
 BUILDERS = {
     "llama": build_llama,
     "llama3_scaled": build_llama3_scaled,
     "mistral": build_mistral,
     "qwen2": build_qwen2,
     "qwen3": build_qwen3,
+    "phi3": build_phi3,
 }
 
 

@@ -34,6 +34,7 @@ ARCHS: dict[str, tuple[Callable[..., Path], int]] = {
     "mistral": (checkpoints.build_mistral, 3),  # every layer windowed (12 positions)
     "qwen2": (checkpoints.build_qwen2, 0),
     "qwen3": (checkpoints.build_qwen3, 0),
+    "phi3": (checkpoints.build_phi3, 0),  # LongRoPE, partial rotary, windowed
 }
 
 _WORDS = (

@@ -16,8 +16,11 @@ import pytest
 import torch
 from checkpoints import (
     BUILDERS,
+    PHI3_LONG_FACTOR,
+    PHI3_SHORT_FACTOR,
     SLIDING_WINDOW,
     build_llama,
+    build_phi3,
     greedy_ours,
     greedy_reference,
     load_reference,
@@ -121,6 +124,60 @@ def test_sliding_window_is_exercised(checkpoints: dict[str, Path]) -> None:
     assert np.abs(got - expected).max() > 100 * ATOL
 
 
+PHI3_ROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": PHI3_SHORT_FACTOR,
+    "long_factor": PHI3_LONG_FACTOR,
+    "original_max_position_embeddings": 1,
+    "attention_factor": 1.2,
+    "partial_rotary_factor": 0.75,
+}
+# Each config feature the parity tests rely on, changed: parity must break.
+FEATURES = {
+    "phi3-long-factors": (
+        "phi3",
+        {"rope_parameters": {**PHI3_ROPE, "long_factor": PHI3_SHORT_FACTOR}},
+    ),
+    "phi3-attention-factor": ("phi3", {"rope_parameters": {**PHI3_ROPE, "attention_factor": 1.0}}),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_config_features_are_exercised(checkpoints: dict[str, Path], feature: str) -> None:
+    name, changes = FEATURES[feature]
+    path = checkpoints[name]
+    ids = prompts()[-1]
+    changed = variant(path, feature, **changes)
+    diff = np.abs(
+        np.array(changed(mx.array([ids]))[0]) - reference_logits(load_reference(path), ids)
+    )
+    assert diff.max() > 100 * ATOL
+
+
+# The same models as transformers 4 wrote their configs (no rope_parameters / layer_types).
+OLD_CONFIGS = {
+    "phi3": {
+        "rope_parameters": None,
+        "rope_scaling": {
+            "type": "su",
+            "short_factor": PHI3_SHORT_FACTOR,
+            "long_factor": PHI3_LONG_FACTOR,
+            "attention_factor": 1.2,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_CONFIGS))
+def test_transformers4_configs_match(checkpoints: dict[str, Path], name: str) -> None:
+    path = checkpoints[name]
+    ids = prompts()[-1]
+    old = variant(path, f"{name}_v4", **OLD_CONFIGS[name])
+    got = np.array(old(mx.array([ids]))[0])
+    np.testing.assert_allclose(got, reference_logits(load_reference(path), ids), atol=ATOL)
+
+
 def test_window_mask_positions() -> None:
     """Per-row decode offsets and a chunk's int offset see exactly the last `window` positions."""
     decode = np.array(window_mask(None, mx.array([3, 20]), 1, 24, 8, mx.float32))  # (2, 1, 1, 24)
@@ -165,7 +222,7 @@ def test_chunked_prefill_equals_one_pass(loaded: dict[str, tuple[Any, Any]]) -> 
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5)
 
 
-WINDOWED = ["mistral"]
+WINDOWED = ["mistral", "phi3"]
 
 
 @pytest.mark.parametrize("name", WINDOWED)
@@ -270,3 +327,15 @@ def test_other_rope_scalings_match_transformers(tmp_path: Path, scaling: dict[st
     ids = prompts()[-1]
     got = np.array(ours(mx.array([ids]))[0])
     np.testing.assert_allclose(got, reference_logits(load_reference(path), ids), atol=ATOL)
+
+
+def test_phi3_default_attention_factor_matches_transformers(tmp_path: Path) -> None:
+    """Without an explicit attention_factor: sqrt(1 + ln(512 / 4) / ln 4), prompts past 4."""
+    path = build_phi3(
+        tmp_path / "m", vocab_size=VOCAB, original_max_position_embeddings=4, attention_factor=None
+    )
+    ours, _ = load_model(path)
+    ref = load_reference(path)
+    for ids in prompts():  # 5, 17 and 40 tokens: transformers takes the long factors for all
+        got = np.array(ours(mx.array([ids]))[0])
+        np.testing.assert_allclose(got, reference_logits(ref, ids), atol=ATOL)

@@ -6,7 +6,7 @@ module plus one line in ARCHITECTURES.
 
 from __future__ import annotations
 
-from ffai_worker.models import llama, qwen2, qwen3
+from ffai_worker.models import llama, phi3, qwen2, qwen3
 from ffai_worker.models.base import LayerCache
 from ffai_worker.models.contract import Architecture, CausalLM
 
@@ -15,6 +15,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": llama,
     "qwen2": qwen2,
     "qwen3": qwen3,
+    "phi3": phi3,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHITECTURES)
