@@ -42,7 +42,7 @@ def build_checkpoint(
     max_shard_size: str | int | None = None,
     **config: Any,
 ) -> Path:
-    """Write a random checkpoint of a transformers `model_type` ("llama", "phi3", ...) to `path`.
+    """Write a random checkpoint of a transformers `model_type` ("llama", "gemma2", ...) to `path`.
 
     Extra keyword arguments go into the transformers config (e.g. rope_scaling,
     attention_bias, rope_theta). `max_shard_size` (e.g. "100KB") forces sharding.
@@ -152,6 +152,28 @@ def build_phi3(
     )
 
 
+def build_gemma2(path: str | Path, **kw: Any) -> Path:
+    """Gemma 2: caps low enough to bend the scores and logits, a window, a distinct query scale."""
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
+    kw.setdefault("attn_logit_softcapping", 2.0)
+    kw.setdefault("final_logit_softcapping", 3.0)
+    kw.setdefault("query_pre_attn_scalar", 24)
+    kw.setdefault("tie_word_embeddings", True)
+    return build_checkpoint("gemma2", path, **kw)
+
+
+def build_gemma3_text(path: str | Path, **kw: Any) -> Path:
+    """Gemma 3: local, global layers; distinct local and (linearly scaled) global RoPE."""
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
+    kw.setdefault("sliding_window_pattern", 2)
+    kw.setdefault("rope_theta", 1_000_000.0)
+    kw.setdefault("rope_local_base_freq", 100.0)
+    kw.setdefault("rope_scaling", {"rope_type": "linear", "factor": 2.0})
+    kw.setdefault("query_pre_attn_scalar", 24)
+    kw.setdefault("tie_word_embeddings", True)
+    return build_checkpoint("gemma3_text", path, **kw)
+
+
 BUILDERS = {
     "llama": build_llama,
     "llama3_scaled": build_llama3_scaled,
@@ -159,6 +181,8 @@ BUILDERS = {
     "qwen2": build_qwen2,
     "qwen3": build_qwen3,
     "phi3": build_phi3,
+    "gemma2": build_gemma2,
+    "gemma3_text": build_gemma3_text,
 }
 
 

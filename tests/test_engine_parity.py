@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ ARCHS: dict[str, tuple[Callable[..., Path], int]] = {
     "qwen2": (checkpoints.build_qwen2, 0),
     "qwen3": (checkpoints.build_qwen3, 0),
     "phi3": (checkpoints.build_phi3, 0),  # LongRoPE, partial rotary, windowed
+    # Soft-capping, sliding/global layers. Untied: a tiny random Gemma with tied
+    # embeddings repeats one token (test_models.py covers the tied form).
+    "gemma2": (partial(checkpoints.build_gemma2, tie_word_embeddings=False), 0),
+    "gemma3_text": (partial(checkpoints.build_gemma3_text, tie_word_embeddings=False), 0),
 }
 
 _WORDS = (

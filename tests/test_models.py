@@ -133,6 +133,10 @@ PHI3_ROPE = {
     "attention_factor": 1.2,
     "partial_rotary_factor": 0.75,
 }
+GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+}
 # Each config feature the parity tests rely on, changed: parity must break.
 FEATURES = {
     "phi3-long-factors": (
@@ -140,6 +144,19 @@ FEATURES = {
         {"rope_parameters": {**PHI3_ROPE, "long_factor": PHI3_SHORT_FACTOR}},
     ),
     "phi3-attention-factor": ("phi3", {"rope_parameters": {**PHI3_ROPE, "attention_factor": 1.0}}),
+    "gemma2-attn-softcap": ("gemma2", {"attn_logit_softcapping": None}),
+    "gemma2-final-softcap": ("gemma2", {"final_logit_softcapping": None}),
+    "gemma2-query-scalar": ("gemma2", {"query_pre_attn_scalar": 16}),
+    "gemma2-layer-types": ("gemma2", {"layer_types": ["full_attention"] * 2}),
+    "gemma3-local-rope": (
+        "gemma3_text",
+        {"rope_parameters": {**GEMMA3_ROPE, "sliding_attention": {"rope_theta": 1e4}}},
+    ),
+    "gemma3-global-rope": (
+        "gemma3_text",
+        {"rope_parameters": {**GEMMA3_ROPE, "full_attention": {"rope_theta": 1e6}}},
+    ),
+    "gemma3-layer-types": ("gemma3_text", {"layer_types": ["sliding_attention"] * 2}),
 }
 
 
@@ -165,6 +182,13 @@ OLD_CONFIGS = {
             "long_factor": PHI3_LONG_FACTOR,
             "attention_factor": 1.2,
         },
+    },
+    "gemma3_text": {
+        "rope_parameters": None,
+        "layer_types": None,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 100.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
     },
 }
 
@@ -222,7 +246,7 @@ def test_chunked_prefill_equals_one_pass(loaded: dict[str, tuple[Any, Any]]) -> 
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5)
 
 
-WINDOWED = ["mistral", "phi3"]
+WINDOWED = ["mistral", "phi3", "gemma2", "gemma3_text"]
 
 
 @pytest.mark.parametrize("name", WINDOWED)

@@ -6,7 +6,7 @@ module plus one line in ARCHITECTURES.
 
 from __future__ import annotations
 
-from ffai_worker.models import llama, phi3, qwen2, qwen3
+from ffai_worker.models import gemma2, gemma3_text, llama, phi3, qwen2, qwen3
 from ffai_worker.models.base import LayerCache
 from ffai_worker.models.contract import Architecture, CausalLM
 
@@ -16,6 +16,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": qwen2,
     "qwen3": qwen3,
     "phi3": phi3,
+    "gemma2": gemma2,
+    "gemma3_text": gemma3_text,
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHITECTURES)
