@@ -387,8 +387,6 @@ def _content_text(message: ChatMessage | dict[str, Any]) -> str:
 
 
 def _model_dtype(model: Any) -> mx.Dtype:
-    """The dtype the KV cache should use: the embedding's compute dtype."""
-    embed = model.model.embed_tokens
-    scales = getattr(embed, "scales", None)
-    dtype: mx.Dtype = (scales if scales is not None else embed.weight).dtype
+    """The dtype the KV cache should use (the model contract's cache_dtype)."""
+    dtype: mx.Dtype = model.cache_dtype
     return dtype

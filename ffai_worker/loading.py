@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ffai_worker.models import SUPPORTED_MODEL_TYPES, get_architecture
-from ffai_worker.models.llama import Model
+from ffai_worker.models.contract import Architecture, CausalLM
 
 DTYPES: dict[str, mx.Dtype] = {
     "float32": mx.float32,
@@ -282,17 +282,8 @@ def _choose_dequantize(
     return True
 
 
-def _context_length(args: Any, notes: list[str]) -> int:
-    length = int(args.max_position_embeddings)
-    window = getattr(args, "sliding_window", None)
-    if window and window < length:
-        # Windowed attention is not implemented; within the window it equals full attention.
-        notes.append(f"context limited to the sliding window ({window} of {length} positions)")
-        length = int(window)
-    return length
-
-
-def _build(arch: Any, config: dict[str, Any]) -> tuple[Any, Model]:
+def _build(arch: Architecture, config: dict[str, Any]) -> tuple[Any, Any]:
+    """(args, model): the model is both a CausalLM and the nn.Module the loader fills."""
     try:
         args = arch.ModelArgs.from_dict(config)
         return args, arch.Model(args)
@@ -300,14 +291,14 @@ def _build(arch: Any, config: dict[str, Any]) -> tuple[Any, Model]:
         raise ModelLoadError(f"unsupported or incomplete config.json: {exc}") from exc
 
 
-def _load_into(model: Model, weights: dict[str, mx.array], path: Path) -> None:
+def _load_into(model: Any, weights: dict[str, mx.array], path: Path) -> None:
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise ModelLoadError(f"weights in {path} do not fit the model: {exc}") from exc
 
 
-def _architecture(config: dict[str, Any], path: Path) -> Any:
+def _architecture(config: dict[str, Any], path: Path) -> Architecture:
     model_type = config.get("model_type")
     arch = get_architecture(str(model_type))
     if arch is None:
@@ -320,7 +311,7 @@ def _architecture(config: dict[str, Any], path: Path) -> Any:
 
 def load_model(
     path: Path, *, dtype: str | None = None, dequantize: bool | None = None
-) -> tuple[Model, LoadedModelInfo]:
+) -> tuple[CausalLM, LoadedModelInfo]:
     """Read config.json + safetensors from `path` into a ready, evaluated model (see module doc)."""
     path = Path(path)
     config = _read_json(path / "config.json", required=True)
@@ -360,7 +351,7 @@ def load_model(
         path=path,
         model_type=str(config["model_type"]),
         architecture=f"{arch.__name__.rsplit('.', 1)[-1]}.{type(model).__name__}",
-        context_length=_context_length(args, notes),
+        context_length=int(args.max_position_embeddings),
         dtype=dtype_name(target),
         quantization=quant,
         dequantized=dequantized,

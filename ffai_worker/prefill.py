@@ -14,11 +14,10 @@ KV slot, and the logits are taken at each row's last real token.
 
 from __future__ import annotations
 
-from typing import Any
-
 import mlx.core as mx
 
 from ffai_worker.kv_cache import SlotCache
+from ffai_worker.models.contract import CausalLM
 
 
 class GroupPrefillView:
@@ -39,7 +38,7 @@ class GroupPrefillView:
 
 
 def prefill_group_logits(
-    model: Any, cache: SlotCache, slots: list[int], prompts: list[list[int]]
+    model: CausalLM, cache: SlotCache, slots: list[int], prompts: list[list[int]]
 ) -> mx.array:
     """Write every prompt's KV into its slot; return each one's last-token logits (G, V)."""
     lengths = [len(p) for p in prompts]
@@ -49,7 +48,7 @@ def prefill_group_logits(
         cache.lengths[slot] = n
     inputs = mx.array([p + [0] * (width - len(p)) for p in prompts], dtype=mx.int32)  # (G, L)
     views = [GroupPrefillView(cache, layer, slots, lengths) for layer in range(cache.num_layers)]
-    hidden = model.model(inputs, views, "causal")  # (G, L, D)
+    hidden = model.hidden_states(inputs, views, "causal")  # (G, L, D)
     rows = mx.arange(len(prompts))
     last = hidden[rows, mx.array([n - 1 for n in lengths])]  # (G, D)
     return model.logits(last[:, None, :])[:, 0, :]  # (G, V)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+SLIDING_WINDOW = 12  # windowed test models: prompts of 5-65 tokens run past it
+
 LLAMA3_ROPE_SCALING: dict[str, Any] = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -40,7 +42,7 @@ def build_checkpoint(
     max_shard_size: str | int | None = None,
     **config: Any,
 ) -> Path:
-    """Write a random `model_type` ("llama", "mistral", "qwen2", "qwen3") checkpoint to `path`.
+    """Write a random checkpoint of a transformers `model_type` ("llama", "gemma2", ...) to `path`.
 
     Extra keyword arguments go into the transformers config (e.g. rope_scaling,
     attention_bias, rope_theta). `max_shard_size` (e.g. "100KB") forces sharding.
@@ -100,7 +102,8 @@ def build_llama3_scaled(path: str | Path, **kw: Any) -> Path:
 
 
 def build_mistral(path: str | Path, **kw: Any) -> Path:
-    kw.setdefault("sliding_window", None)  # we do not implement windowed attention
+    """Every layer windowed; a small window so test prompts and outputs run past it."""
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
     return build_checkpoint("mistral", path, **kw)
 
 
@@ -112,21 +115,88 @@ def build_qwen3(path: str | Path, **kw: Any) -> Path:
     return build_checkpoint("qwen3", path, **kw)
 
 
+# LongRoPE factors for the first 6 of 16 head features (partial_rotary_factor 0.75, as Phi-4-mini).
+PHI3_SHORT_FACTOR = [1.0, 1.05, 1.1, 1.2, 1.3, 1.5]
+PHI3_LONG_FACTOR = [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]
+
+
+def build_phi3(
+    path: str | Path,
+    *,
+    original_max_position_embeddings: int = 1,
+    attention_factor: float | None = 1.2,
+    **kw: Any,
+) -> Path:
+    """Phi-3 with LongRoPE and a sliding window.
+
+    transformers takes the long factors only in forward passes reaching past
+    original_max_position_embeddings (we always do, see base.longrope_periods),
+    so 1 makes every test prompt long; its default attention factor divides
+    by log(original), hence an explicit one here.
+    """
+    rope: dict[str, Any] = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": PHI3_SHORT_FACTOR,
+        "long_factor": PHI3_LONG_FACTOR,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
+    if attention_factor is not None:
+        rope["attention_factor"] = attention_factor
+    kw.setdefault("rope_scaling", rope)
+    kw.setdefault("partial_rotary_factor", 0.75)
+    kw.setdefault("pad_token_id", 0)  # transformers defaults to 32000, outside a tiny vocab
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
+    return build_checkpoint(
+        "phi3", path, original_max_position_embeddings=original_max_position_embeddings, **kw
+    )
+
+
+def build_gemma2(path: str | Path, **kw: Any) -> Path:
+    """Gemma 2: caps low enough to bend the scores and logits, a window, a distinct query scale."""
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
+    kw.setdefault("attn_logit_softcapping", 2.0)
+    kw.setdefault("final_logit_softcapping", 3.0)
+    kw.setdefault("query_pre_attn_scalar", 24)
+    kw.setdefault("tie_word_embeddings", True)
+    return build_checkpoint("gemma2", path, **kw)
+
+
+def build_gemma3_text(path: str | Path, **kw: Any) -> Path:
+    """Gemma 3: local, global layers; distinct local and (linearly scaled) global RoPE."""
+    kw.setdefault("sliding_window", SLIDING_WINDOW)
+    kw.setdefault("sliding_window_pattern", 2)
+    kw.setdefault("rope_theta", 1_000_000.0)
+    kw.setdefault("rope_local_base_freq", 100.0)
+    kw.setdefault("rope_scaling", {"rope_type": "linear", "factor": 2.0})
+    kw.setdefault("query_pre_attn_scalar", 24)
+    kw.setdefault("tie_word_embeddings", True)
+    return build_checkpoint("gemma3_text", path, **kw)
+
+
 BUILDERS = {
     "llama": build_llama,
     "llama3_scaled": build_llama3_scaled,
     "mistral": build_mistral,
     "qwen2": build_qwen2,
     "qwen3": build_qwen3,
+    "phi3": build_phi3,
+    "gemma2": build_gemma2,
+    "gemma3_text": build_gemma3_text,
 }
 
 
 def load_reference(path: str | Path) -> Any:
-    """The checkpoint as a float32 transformers model in eval mode (the oracle)."""
+    """The checkpoint as a float32 transformers model in eval mode (the oracle).
+
+    Eager attention: the reference implementation of masks, windows and soft-capping.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(Path(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        Path(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def greedy_reference(model: Any, prompt: list[int], n: int) -> list[int]:
@@ -149,9 +219,7 @@ def greedy_ours(model: Any, prompt: list[int], n: int) -> list[int]:
     """`n` greedy ids from an ffai_worker model: prefill, then one token at a time on KVCache."""
     import mlx.core as mx
 
-    from ffai_worker.models.cache import make_cache
-
-    cache = make_cache(model)
+    cache = model.make_cache()
     logits = model(mx.array([prompt]), cache=cache, last_only=True)
     out: list[int] = []
     for _ in range(n):

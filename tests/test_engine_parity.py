@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,14 @@ VOCAB = 512  # the tinystories tokenizer's
 # name -> (builder, weight seed). Seeds picked so every reference row varies (> 10 distinct ids).
 ARCHS: dict[str, tuple[Callable[..., Path], int]] = {
     "llama3_scaled": (checkpoints.build_llama3_scaled, 3),  # prompt + output pass its 32 positions
-    "mistral": (checkpoints.build_mistral, 3),
+    "mistral": (checkpoints.build_mistral, 3),  # every layer windowed (12 positions)
     "qwen2": (checkpoints.build_qwen2, 0),
     "qwen3": (checkpoints.build_qwen3, 0),
+    "phi3": (checkpoints.build_phi3, 0),  # LongRoPE, partial rotary, windowed
+    # Soft-capping, sliding/global layers. Untied: a tiny random Gemma with tied
+    # embeddings repeats one token (test_models.py covers the tied form).
+    "gemma2": (partial(checkpoints.build_gemma2, tie_word_embeddings=False), 0),
+    "gemma3_text": (partial(checkpoints.build_gemma3_text, tie_word_embeddings=False), 0),
 }
 
 _WORDS = (

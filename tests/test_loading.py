@@ -119,14 +119,15 @@ def test_info_fields(tmp_path: Path) -> None:
     assert info.path == TINYSTORIES
 
 
-def test_sliding_window_caps_context(tmp_path: Path) -> None:
+def test_sliding_window_keeps_full_context(tmp_path: Path) -> None:
     path = build_llama(tmp_path / "m", max_position_embeddings=512)
     config = json.loads((path / "config.json").read_text())
     config.update(model_type="mistral", sliding_window=128)
     (path / "config.json").write_text(json.dumps(config))
-    _, info = load_model(path)
-    assert info.context_length == 128
-    assert any("sliding window" in note for note in info.notes)
+    model, info = load_model(path)
+    assert info.context_length == 512  # windowed attention is real: no cap at the window
+    assert not any("sliding window" in note for note in info.notes)
+    assert model.sliding_window == 128 and set(model.layer_types) == {"sliding_attention"}
 
 
 # -- config generations ----------------------------------------------------------------------------
@@ -209,12 +210,19 @@ def test_missing_config_and_weights(tmp_path: Path) -> None:
         load_model(tmp_path)
 
 
-def test_unsupported_rope_type(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        ({"rope_type": "yarn", "factor": 4.0}, "rope type 'yarn' is not supported"),
+        ({"rope_type": "longrope"}, "longrope rope scaling lacks long_factor"),
+    ],
+)
+def test_unsupported_rope_type(tmp_path: Path, rope: dict[str, Any], message: str) -> None:
     path = build_llama(tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4}
+    config["rope_parameters"] = {**rope, "rope_theta": 1e4}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="longrope"):
+    with pytest.raises(ModelLoadError, match=message):
         load_model(path)
 
 

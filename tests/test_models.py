@@ -14,11 +14,21 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from checkpoints import BUILDERS, build_llama, greedy_ours, greedy_reference, load_reference
+from checkpoints import (
+    BUILDERS,
+    PHI3_LONG_FACTOR,
+    PHI3_SHORT_FACTOR,
+    SLIDING_WINDOW,
+    build_llama,
+    build_phi3,
+    greedy_ours,
+    greedy_reference,
+    load_reference,
+)
 
 from ffai_worker.loading import load_model
-from ffai_worker.models.base import llama3_inv_freq
-from ffai_worker.models.cache import KVCache, make_cache
+from ffai_worker.models.base import llama3_inv_freq, window_mask
+from ffai_worker.models.cache import KVCache
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = SHARED / "models" / "tinystories-260k"
@@ -86,6 +96,127 @@ def test_llama3_scaling_is_exercised(checkpoints: dict[str, Path]) -> None:
     assert diff > 100 * ATOL
 
 
+def variant(path: Path, name: str, **changes: Any) -> Any:
+    """Our model from `path`'s weights under a config with `changes` (None removes a key)."""
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    folder = path.parent / name
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if not (folder / "model.safetensors").exists():
+        (folder / "model.safetensors").symlink_to(path / "model.safetensors")
+    return load_model(folder)[0]
+
+
+def test_sliding_window_is_exercised(checkpoints: dict[str, Path]) -> None:
+    """Without its window the windowed model must leave parity, so the parity test can fail."""
+    path = checkpoints["mistral"]
+    ids = prompts()[-1]  # 40 tokens, past the 12-position window
+    windowless = variant(path, "mistral_windowless", sliding_window=None)
+    assert windowless.sliding_window is None
+    got = np.array(windowless(mx.array([ids]))[0])
+    expected = reference_logits(load_reference(path), ids)
+    np.testing.assert_allclose(got[:SLIDING_WINDOW], expected[:SLIDING_WINDOW], atol=ATOL)
+    assert np.abs(got - expected).max() > 100 * ATOL
+
+
+PHI3_ROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": PHI3_SHORT_FACTOR,
+    "long_factor": PHI3_LONG_FACTOR,
+    "original_max_position_embeddings": 1,
+    "attention_factor": 1.2,
+    "partial_rotary_factor": 0.75,
+}
+GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+}
+# Each config feature the parity tests rely on, changed: parity must break.
+FEATURES = {
+    "phi3-long-factors": (
+        "phi3",
+        {"rope_parameters": {**PHI3_ROPE, "long_factor": PHI3_SHORT_FACTOR}},
+    ),
+    "phi3-attention-factor": ("phi3", {"rope_parameters": {**PHI3_ROPE, "attention_factor": 1.0}}),
+    "gemma2-attn-softcap": ("gemma2", {"attn_logit_softcapping": None}),
+    "gemma2-final-softcap": ("gemma2", {"final_logit_softcapping": None}),
+    "gemma2-query-scalar": ("gemma2", {"query_pre_attn_scalar": 16}),
+    "gemma2-layer-types": ("gemma2", {"layer_types": ["full_attention"] * 2}),
+    "gemma3-local-rope": (
+        "gemma3_text",
+        {"rope_parameters": {**GEMMA3_ROPE, "sliding_attention": {"rope_theta": 1e4}}},
+    ),
+    "gemma3-global-rope": (
+        "gemma3_text",
+        {"rope_parameters": {**GEMMA3_ROPE, "full_attention": {"rope_theta": 1e6}}},
+    ),
+    "gemma3-layer-types": ("gemma3_text", {"layer_types": ["sliding_attention"] * 2}),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_config_features_are_exercised(checkpoints: dict[str, Path], feature: str) -> None:
+    name, changes = FEATURES[feature]
+    path = checkpoints[name]
+    ids = prompts()[-1]
+    changed = variant(path, feature, **changes)
+    diff = np.abs(
+        np.array(changed(mx.array([ids]))[0]) - reference_logits(load_reference(path), ids)
+    )
+    assert diff.max() > 100 * ATOL
+
+
+# The same models as transformers 4 wrote their configs (no rope_parameters / layer_types).
+OLD_CONFIGS = {
+    "phi3": {
+        "rope_parameters": None,
+        "rope_scaling": {
+            "type": "su",
+            "short_factor": PHI3_SHORT_FACTOR,
+            "long_factor": PHI3_LONG_FACTOR,
+            "attention_factor": 1.2,
+        },
+    },
+    "gemma3_text": {
+        "rope_parameters": None,
+        "layer_types": None,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 100.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_CONFIGS))
+def test_transformers4_configs_match(checkpoints: dict[str, Path], name: str) -> None:
+    path = checkpoints[name]
+    ids = prompts()[-1]
+    old = variant(path, f"{name}_v4", **OLD_CONFIGS[name])
+    got = np.array(old(mx.array([ids]))[0])
+    np.testing.assert_allclose(got, reference_logits(load_reference(path), ids), atol=ATOL)
+
+
+def test_window_mask_positions() -> None:
+    """Per-row decode offsets and a chunk's int offset see exactly the last `window` positions."""
+    decode = np.array(window_mask(None, mx.array([3, 20]), 1, 24, 8, mx.float32))  # (2, 1, 1, 24)
+    assert decode.shape == (2, 1, 1, 24)
+    assert np.flatnonzero(decode[0, 0, 0] == 0).tolist() == list(range(0, 4))
+    assert np.flatnonzero(decode[1, 0, 0] == 0).tolist() == list(range(13, 21))
+    chunk = np.array(window_mask("causal", 20, 4, 24, 8, mx.float32))  # (1, 1, 4, 24)
+    for i in range(4):
+        assert np.flatnonzero(chunk[0, 0, i] == 0).tolist() == list(range(13 + i, 21 + i))
+    caller = mx.where(mx.arange(24) < 18, 0.0, -mx.inf)[None, None, None, :]  # hides 18..23
+    narrowed = np.array(window_mask(caller, mx.array([20]), 1, 24, 8, mx.float32))
+    assert np.flatnonzero(narrowed[0, 0, 0] == 0).tolist() == list(range(13, 18))
+    assert window_mask("causal", 0, 8, 8, 8, mx.float32) == "causal"  # within the window
+
+
 def test_llama3_frequencies_match_transformers() -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -108,11 +239,28 @@ def test_chunked_prefill_equals_one_pass(loaded: dict[str, tuple[Any, Any]]) -> 
     """A second chunk with the default mask attends causally to cache + itself."""
     ours, _ = loaded["qwen3"]
     ids = prompts()[-1]
-    whole = np.array(ours(mx.array([ids]), cache=make_cache(ours)))
-    cache = make_cache(ours)
+    whole = np.array(ours(mx.array([ids]), cache=ours.make_cache()))
+    cache = ours.make_cache()
     first = np.array(ours(mx.array([ids[:23]]), cache=cache))
     second = np.array(ours(mx.array([ids[23:]]), cache=cache))
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-5)
+
+
+WINDOWED = ["mistral", "phi3", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("name", WINDOWED)
+def test_windowed_chunks_and_decode_match_transformers(
+    name: str, loaded: dict[str, tuple[Any, Any]]
+) -> None:
+    """Chunks of 5 then single tokens through the cache, 40 positions past a 12 window: logits."""
+    ours, ref = loaded[name]
+    assert ours.sliding_window == SLIDING_WINDOW
+    ids = prompts()[-1]
+    cache = ours.make_cache()
+    pieces = [ids[i : i + 5] for i in range(0, 20, 5)] + [[t] for t in ids[20:]]
+    got = np.concatenate([np.array(ours(mx.array([p]), cache=cache)[0]) for p in pieces])
+    np.testing.assert_allclose(got, reference_logits(ref, ids), atol=ATOL)
 
 
 def test_explicit_mask_equals_default(loaded: dict[str, tuple[Any, Any]]) -> None:
@@ -158,7 +306,7 @@ def test_kv_cache_grows_past_a_step(loaded: dict[str, tuple[Any, Any]]) -> None:
     """Decoding across the 256-position boundary keeps what the cache held."""
     ours, ref = loaded["mistral"]
     ids = prompts()[2] * 7  # 280 tokens
-    cache = make_cache(ours)
+    cache = ours.make_cache()
     assert cache[0].offset == 0 and cache[0].nbytes == 0
     ours(mx.array([ids[:250]]), cache=cache)
     for token in ids[250:]:
@@ -174,7 +322,7 @@ def test_interface_properties(loaded: dict[str, tuple[Any, Any]]) -> None:
     assert ours.num_layers == len(ours.layers) == 2
     assert ours.n_kv_heads == 2
     assert ours.head_dim == 16
-    cache = make_cache(ours)
+    cache = ours.make_cache()
     assert len(cache) == ours.num_layers
 
 
@@ -203,3 +351,15 @@ def test_other_rope_scalings_match_transformers(tmp_path: Path, scaling: dict[st
     ids = prompts()[-1]
     got = np.array(ours(mx.array([ids]))[0])
     np.testing.assert_allclose(got, reference_logits(load_reference(path), ids), atol=ATOL)
+
+
+def test_phi3_default_attention_factor_matches_transformers(tmp_path: Path) -> None:
+    """Without an explicit attention_factor: sqrt(1 + ln(512 / 4) / ln 4), prompts past 4."""
+    path = build_phi3(
+        tmp_path / "m", vocab_size=VOCAB, original_max_position_embeddings=4, attention_factor=None
+    )
+    ours, _ = load_model(path)
+    ref = load_reference(path)
+    for ids in prompts():  # 5, 17 and 40 tokens: transformers takes the long factors for all
+        got = np.array(ours(mx.array([ids]))[0])
+        np.testing.assert_allclose(got, reference_logits(ref, ids), atol=ATOL)

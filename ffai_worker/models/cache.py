@@ -1,8 +1,9 @@
-"""A single-sequence KV cache for tests and one-off generation (the engine has its own)."""
+"""A single-sequence KV cache for tests and one-off generation (the engine has its own).
+
+`model.make_cache()` returns one per layer.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import mlx.core as mx
 
@@ -42,8 +43,3 @@ class KVCache:
         if self.keys is None or self.values is None:
             return 0
         return self.keys.nbytes + self.values.nbytes
-
-
-def make_cache(model: Any) -> list[KVCache]:
-    """One empty KVCache per transformer layer of `model`."""
-    return [KVCache() for _ in range(model.num_layers)]

@@ -21,7 +21,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ffai_worker.models.base import BaseModelArgs, LayerCache, RoPE, resolve_rope
+from ffai_worker.models.base import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    BaseModelArgs,
+    CausalLMBase,
+    LayerCache,
+    RoPE,
+    checked_layer_types,
+    resolve_rope,
+    window_mask,
+)
 
 
 @dataclass
@@ -44,6 +54,8 @@ class ModelArgs(BaseModelArgs):
     rope_parameters: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    max_window_layers: int | None = None
+    layer_types: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -55,6 +67,19 @@ class ModelArgs(BaseModelArgs):
         self.rope_theta, self.rope_scaling = resolve_rope(
             self.rope_theta, self.rope_scaling, self.rope_parameters
         )
+        if self.model_type == "llama":
+            self.sliding_window = None  # transformers' Llama has no windowed attention
+        self.layer_types = checked_layer_types(
+            self.attention_kinds(),
+            self.num_hidden_layers,
+            self.sliding_window,
+            self.max_position_embeddings,
+        )
+
+    def attention_kinds(self) -> list[str]:
+        """Mistral: every layer windowed when a window is set (config layer_types ignored)."""
+        kind = SLIDING_ATTENTION if self.sliding_window else FULL_ATTENTION
+        return [kind] * self.num_hidden_layers
 
     # Per-architecture switches; Qwen2/Qwen3 args override them.
     @property
@@ -71,8 +96,9 @@ class ModelArgs(BaseModelArgs):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, window: int | None = None) -> None:
         super().__init__()
+        self.window = window  # None: attends every earlier position
         dim = args.hidden_size
         self.n_heads = n_heads = args.num_attention_heads
         self.n_kv_heads = n_kv_heads = int(args.num_key_value_heads or n_heads)
@@ -87,7 +113,12 @@ class Attention(nn.Module):
         if self.use_qk_norm:
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        self.rope = RoPE(head_dim, float(args.rope_theta or 10000.0), args.rope_scaling)
+        self.rope = RoPE(
+            head_dim,
+            float(args.rope_theta or 10000.0),
+            args.rope_scaling,
+            max_position_embeddings=args.max_position_embeddings,
+        )
 
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
@@ -102,13 +133,12 @@ class Attention(nn.Module):
         k = k.transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
 
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
         if cache is not None:
-            q = self.rope(q, offset=cache.offset)
-            k = self.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, T, Dh)
-        else:
-            q, k = self.rope(q), self.rope(k)
-
+        mask = window_mask(mask, offset, L, k.shape[2], self.window, q.dtype)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
 
@@ -125,9 +155,10 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer_type: str = FULL_ATTENTION) -> None:
         super().__init__()
-        self.self_attn = Attention(args)
+        window = args.sliding_window if layer_type == SLIDING_ATTENTION else None
+        self.self_attn = Attention(args, window)
         self.mlp = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -143,7 +174,7 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [TransformerBlock(args, kind) for kind in args.layer_types or []]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
@@ -161,8 +192,8 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
-    """Causal LM: token ids (B, L) -> logits (B, L, vocab)."""
+class Model(CausalLMBase):
+    """Causal LM: token ids (B, L) -> logits (B, L, vocab); the contract is in CausalLMBase."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -171,48 +202,3 @@ class Model(nn.Module):
         self.model = LlamaModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(
-        self,
-        inputs: mx.array,
-        cache: list[Any] | None = None,
-        mask: mx.array | str | None = None,
-        *,
-        last_only: bool = False,
-    ) -> mx.array:
-        """Logits for every position, or only the last one (B, 1, vocab) with `last_only`."""
-        h = self.model(inputs, cache, mask)
-        if last_only:
-            h = h[:, -1:, :]  # a prefill needs one row of the (large) vocab projection
-        return self.logits(h)
-
-    def logits(self, h: mx.array) -> mx.array:
-        """Final-norm hidden states (B, L, D) -> logits (B, L, vocab)."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop checkpoint entries the model has no place for."""
-        out = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            out.pop("lm_head.weight", None)
-            out.pop("lm_head.scales", None)
-            out.pop("lm_head.biases", None)
-        return out
-
-    @property
-    def layers(self) -> list[TransformerBlock]:
-        return self.model.layers  # type: ignore[no-any-return]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return int(self.args.num_key_value_heads or self.args.num_attention_heads)
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.args.head_dim or self.args.hidden_size // self.args.num_attention_heads)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ffai_worker.models import llama
+from ffai_worker.models.base import FULL_ATTENTION, SLIDING_ATTENTION
 
 
 @dataclass
@@ -12,11 +13,22 @@ class ModelArgs(llama.ModelArgs):
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     use_sliding_window: bool = False
+    max_window_layers: int | None = 28  # transformers' default
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.use_sliding_window:
-            self.sliding_window = None  # Qwen2 configs carry a window size they do not use
+            self.sliding_window = None  # Qwen configs carry a window size they do not use
+        super().__post_init__()
+
+    def attention_kinds(self) -> list[str]:
+        """transformers: the config's layer_types, else windowed from layer max_window_layers on."""
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        first = self.max_window_layers or 0
+        return [
+            SLIDING_ATTENTION if self.sliding_window and i >= first else FULL_ATTENTION
+            for i in range(self.num_hidden_layers)
+        ]
 
     @property
     def qkv_bias(self) -> bool:
