@@ -6,8 +6,10 @@ async with AsyncClient() as client:
 """
 
 from ffai_client.client import AsyncClient
+from ffai_client.curve import CurveClientKeys
 from ffai_client.endpoints import default_endpoint, resolve_endpoint
 from ffai_client.errors import (
+    AuthenticationFailed,
     Busy,
     ClientClosed,
     FFAIError,
@@ -39,11 +41,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AuthenticationFailed",
     "Busy",
     "ChatMessage",
     "ChatTemplateOptions",
     "Client",
     "ClientClosed",
+    "CurveClientKeys",
     "FFAIError",
     "GenerationChunk",
     "GenerationParameters",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import click
 from ffai_client.cli_chat import TextOut, run_chat
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.client import AsyncClient
+from ffai_client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV
 from ffai_client.errors import FFAIError, RequestError, WorkerUnavailable
 from ffai_client.types import GenerationChunk
 
@@ -26,12 +28,45 @@ EXIT_REQUEST_ERROR = 1
 EXIT_UNAVAILABLE = 3
 T = TypeVar("T")
 
-endpoint_option = click.option(
+_endpoint = click.option(
     "--endpoint",
     envvar="FFAI_ENDPOINT",
     default=None,
     help="Worker endpoint [env FFAI_ENDPOINT; default: the local daemon's ipc socket].",
 )
+
+
+def _into_env(name: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """A click callback handing an option to AsyncClient through its environment variable."""
+
+    def store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value:
+            os.environ[name] = value
+
+    return store
+
+
+_curve_server_key = click.option(
+    "--curve-server-key",
+    envvar=SERVER_KEY_ENV,
+    expose_value=False,
+    callback=_into_env(SERVER_KEY_ENV),
+    help=f"The worker's CurveZMQ public key: a *.key file or its Z85 text [env {SERVER_KEY_ENV}].",
+)
+_curve_key = click.option(
+    "--curve-key",
+    envvar=CLIENT_KEY_ENV,
+    expose_value=False,
+    callback=_into_env(CLIENT_KEY_ENV),
+    help=f"This client's CurveZMQ key pair: a *.key_secret file [env {CLIENT_KEY_ENV}].",
+)
+
+
+def endpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the worker is and, for CurveZMQ, the keys to reach it with."""
+    return _endpoint(_curve_server_key(_curve_key(command)))
+
+
 timeout_option = click.option(
     "--timeout",
     type=float,

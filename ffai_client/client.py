@@ -28,8 +28,10 @@ from typing import Any
 import zmq
 
 from ffai_client import protocol as p
+from ffai_client.curve import CurveClientKeys
 from ffai_client.endpoints import check_ipc_endpoint, ipc_path, resolve_endpoint
 from ffai_client.errors import (
+    AuthenticationFailed,
     ClientClosed,
     ProtocolError,
     RequestTimeout,
@@ -48,7 +50,12 @@ from ffai_client.types import (
 _POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic is slow on the hot path
 DEFAULT_TIMEOUT = 5.0  # seconds a request waits for a connection to a worker
 DEFAULT_HEARTBEAT = 1.0  # ZMTP heartbeat interval; a silent peer is dropped after 3 of them
-_MONITOR_EVENTS = int(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_MONITOR_EVENTS = int(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
 
 # What a pending request waits on: a queue of items for streams, a future for replies.
 _Item = Any
@@ -59,7 +66,7 @@ class _Pending:
 
     def __init__(self, streaming: bool, timeout: float | None) -> None:
         self.timeout = timeout  # longest silence allowed for this request (None: no limit)
-        self.last_heard = time.monotonic()
+        self.created = self.last_heard = time.monotonic()
         self.queue: asyncio.Queue[_Item] | None = asyncio.Queue() if streaming else None
         self.future: asyncio.Future[Any] | None = (
             None if streaming else asyncio.get_running_loop().create_future()
@@ -82,7 +89,9 @@ class AsyncClient:
     `heartbeat_interval`: ZMTP heartbeat period; a frozen worker is dropped
     after three silent intervals. `request_timeout`: the longest silence one
     request tolerates before `RequestTimeout` (None: wait as long as the
-    worker is alive).
+    worker is alive). `curve`: CurveZMQ keys (default: from FFAI_CURVE_SERVER_KEY
+    and FFAI_CURVE_KEY when set); a refused handshake fails requests at once
+    with `AuthenticationFailed`.
     """
 
     def __init__(
@@ -92,8 +101,10 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
         request_timeout: float | None = None,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self.endpoint = resolve_endpoint(endpoint)
+        self.curve = curve if curve is not None else CurveClientKeys.from_env()
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
         self.request_timeout = request_timeout
@@ -107,6 +118,7 @@ class AsyncClient:
         self._prefix = f"{os.getpid():x}-{os.urandom(3).hex()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
+        self._refused = False  # the last handshake was refused (libzmq will not retry it)
         self._unconnected_since = time.monotonic()  # start of the current wait for a worker
         self._closed = False
 
@@ -161,10 +173,13 @@ class AsyncClient:
         # intervals to be answered: a frozen worker is dropped within 3 intervals.
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2 * ivl)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
+        if self.curve is not None:
+            self.curve.apply(sock)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         sock.connect(self.endpoint)
         self._sock, self._monitor = sock, monitor
         self._connected = False
+        self._refused = False
         self._unconnected_since = time.monotonic()
         self._loop.add_reader(sock.fileno(), self._drain)
         self._loop.add_reader(monitor.fileno(), self._drain_monitor)
@@ -197,6 +212,8 @@ class AsyncClient:
         self._drain_monitor()  # a worker that went away while we were idle is news now
         if not self._connected:
             self._check_reachable()
+            if self._refused:
+                self._reset_socket()  # one fresh handshake per request after a refusal
         pending = _Pending(streaming, self.request_timeout if timeout is None else timeout)
         self._pending[request_id] = pending
         return pending
@@ -282,6 +299,18 @@ class AsyncClient:
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
                 self._worker_lost(f"the worker at {self.endpoint} went away")
                 return  # the monitor was replaced with the socket
+            elif event & _HANDSHAKE_FAILED or event == zmq.EVENT_DISCONNECTED:
+                # Closed before the handshake finished: the security settings disagree.
+                # libzmq does not retry such a peer; the next request opens a fresh socket.
+                self._refused = True
+                self._fail_all(AuthenticationFailed(self._refusal_reason()))
+
+    def _refusal_reason(self) -> str:
+        if self.curve is None:
+            how = "this client speaks plain ZMTP; the worker may require CurveZMQ keys"
+        else:
+            how = "wrong worker key, a client key the worker does not allow, or no Curve there"
+        return f"the worker at {self.endpoint} refused the connection handshake ({how})"
 
     def _worker_lost(self, reason: str) -> None:
         """Fail every pending request and rebuild the socket for the next worker."""
@@ -322,10 +351,8 @@ class AsyncClient:
                 continue
             self._drain_monitor()  # a safety net for an edge the descriptor did not report
             now = time.monotonic()
-            if not self._connected and now - self._unconnected_since > self.timeout:
-                self._worker_lost(
-                    f"could not reach a worker at {self.endpoint} in {self.timeout} s"
-                )
+            if not self._connected:
+                self._fail_unconnected(now)
                 continue
             for request_id, pending in list(self._pending.items()):
                 limit = pending.timeout
@@ -335,6 +362,20 @@ class AsyncClient:
                     pending.deliver(
                         RequestTimeout(f"no frame for request {request_id} in {limit} s")
                     )
+
+    def _fail_unconnected(self, now: float) -> None:
+        """Fail the requests that waited `timeout` for a connection (each from its own start)."""
+        started = self._unconnected_since
+        for request_id, pending in list(self._pending.items()):
+            if now - max(pending.created, started) > self.timeout:
+                self._pending.pop(request_id, None)
+                pending.deliver(
+                    WorkerUnavailable(
+                        f"could not reach a worker at {self.endpoint} in {self.timeout} s"
+                    )
+                )
+        if not self._pending:
+            self._reset_socket()  # drop what was queued for nobody; reconnect afresh
 
     def _fail_all(self, error: BaseException) -> None:
         pending, self._pending = self._pending, {}

@@ -6,6 +6,7 @@
     ├── ClientClosed               the client was closed (also: used again after closing)
     ├── WorkerUnavailable          no worker there, it died, or no connection within the timeout
     │   ├── RequestTimeout         the worker is alive but one request got no frame in time
+    │   ├── AuthenticationFailed   the worker refused the handshake (CurveZMQ keys or their absence)
     │   └── UnsafeEndpoint         the ipc socket's directory or file may belong to someone else
     ├── ProtocolError              the worker sent something this client cannot parse
     └── RequestError               the worker refused or failed one request (.code, .request_id)
@@ -57,6 +58,10 @@ class WorkerUnavailable(FFAIError):
 
 class RequestTimeout(WorkerUnavailable):
     """A live worker sent nothing for one request within its `request_timeout`."""
+
+
+class AuthenticationFailed(WorkerUnavailable):
+    """The worker closed the connection during the handshake: the CurveZMQ keys disagree."""
 
 
 class UnsafeEndpoint(WorkerUnavailable):
@@ -129,6 +134,7 @@ def error_for_code(code: str, message: str, request_id: str | None = None) -> Re
 
 __all__ = [
     "ERROR_CODES",
+    "AuthenticationFailed",
     "Busy",
     "FFAIError",
     "InternalError",

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from ffai_client import protocol as p
 from ffai_client.client import DEFAULT_HEARTBEAT, DEFAULT_TIMEOUT, AsyncClient
+from ffai_client.curve import CurveClientKeys
 from ffai_client.errors import ClientClosed
 from ffai_client.stream import GenerationStream
 from ffai_client.types import (
@@ -36,6 +37,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
         request_timeout: float | None = None,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="ffai")
@@ -45,6 +47,7 @@ class Client:
             timeout=timeout,
             heartbeat_interval=heartbeat_interval,
             request_timeout=request_timeout,
+            curve=curve,
         )
         self.endpoint = self._async.endpoint
 

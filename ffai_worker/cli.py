@@ -57,8 +57,9 @@ def _load_engine(model: str | None, dtype: str | None, revision: str | None, **c
     return engine
 
 
-def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
-    if not endpoint.startswith("tcp://") or allow_remote:
+def _check_endpoint(endpoint: str, insecure: bool, curve: bool = False) -> None:
+    """A non-loopback tcp endpoint needs CurveZMQ, or an explicit --insecure."""
+    if not endpoint.startswith("tcp://") or insecure or curve:
         return
     host = urlparse(endpoint).hostname or ""
     if host == "localhost":
@@ -69,7 +70,8 @@ def _check_endpoint(endpoint: str, allow_remote: bool) -> None:
     except ValueError:
         pass
     raise click.BadParameter(
-        f"{endpoint} is not a loopback address; pass --allow-remote to listen beyond this machine",
+        f"{endpoint} is not a loopback address: serve it with CurveZMQ (--curve-secret, "
+        "see `ffai-worker keygen`) or, on a network you trust, pass --insecure",
         param_hint="--endpoint",
     )
 
@@ -111,6 +113,28 @@ def _refuse_if_port_taken(endpoint: str) -> None:
         probe.close()
 
 
+def _curve_server(secret: str | None, clients: str | None) -> Any:
+    if secret is None:
+        return None
+    from ffai_client.curve import CurveKeyError
+    from ffai_worker.curve_auth import CurveServer
+
+    try:
+        return CurveServer(secret, clients)
+    except CurveKeyError as exc:
+        raise click.BadParameter(str(exc), param_hint="--curve-secret") from None
+
+
+def _plain_security(endpoint: str) -> str:
+    if not endpoint.startswith("tcp://"):
+        return "plain ZMTP; the socket file is this user's only"
+    try:
+        _check_endpoint(endpoint, insecure=False)
+    except click.BadParameter:
+        return "INSECURE: no authentication, no encryption, reachable beyond this machine"
+    return "plain ZMTP on loopback"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ffai")
 def main() -> None:
@@ -121,7 +145,26 @@ def main() -> None:
 @click.option("--model", "-m", default=None, help=MODEL_HELP)
 @click.option("--endpoint", default=None, envvar=ENDPOINT_ENV, help=ENDPOINT_HELP)
 @click.option(
-    "--allow-remote", is_flag=True, help="Allow a tcp endpoint on a non-loopback address."
+    "--curve-secret",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FFAI_CURVE_SECRET",
+    default=None,
+    help="This worker's CurveZMQ key pair (*.key_secret from `ffai-worker keygen`): "
+    "clients must speak CurveZMQ [env FFAI_CURVE_SECRET].",
+)
+@click.option(
+    "--curve-clients",
+    type=click.Path(exists=True, file_okay=False),
+    envvar="FFAI_CURVE_CLIENTS",
+    default=None,
+    help="Folder of allowed client public keys (*.key); without it any Curve client "
+    "key is accepted [env FFAI_CURVE_CLIENTS].",
+)
+@click.option(
+    "--insecure",
+    "--allow-remote",
+    is_flag=True,
+    help="Serve a non-loopback tcp endpoint without CurveZMQ (no authentication, no encryption).",
 )
 @click.option("--dtype", type=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
 @click.option("--revision", default=None, help=REVISION_HELP)
@@ -173,7 +216,9 @@ def main() -> None:
 def serve(
     model: str | None,
     endpoint: str | None,
-    allow_remote: bool,
+    curve_secret: str | None,
+    curve_clients: str | None,
+    insecure: bool,
     dtype: str | None,
     revision: str | None,
     max_batch: int,
@@ -190,8 +235,11 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     endpoint = endpoint or default_endpoint()
-    _check_endpoint(endpoint, allow_remote)
+    if curve_clients and not curve_secret:
+        raise click.BadParameter("needs --curve-secret", param_hint="--curve-clients")
+    _check_endpoint(endpoint, insecure, curve=curve_secret is not None)
     _preflight_endpoint(endpoint)
+    curve = _curve_server(curve_secret, curve_clients)
     engine = _load_engine(
         model,
         dtype,
@@ -204,7 +252,10 @@ def serve(
     )
     interval = None if stream_interval_ms is None else stream_interval_ms / 1000.0
     config = ServerConfig(
-        endpoint=endpoint, max_message_bytes=max_message_bytes, stream_interval_s=interval
+        endpoint=endpoint,
+        max_message_bytes=max_message_bytes,
+        stream_interval_s=interval,
+        curve=curve,
     )
     worker = Worker(engine, config)
     worker.install_signal_handlers()
@@ -212,9 +263,29 @@ def serve(
         worker.bind()
     except Exception as exc:
         raise click.ClickException(f"cannot bind {endpoint}: {exc}") from None
-    click.echo(f"ffai-worker: serving on {endpoint}", err=True)
+    security = curve.describe() if curve is not None else _plain_security(endpoint)
+    click.echo(f"ffai-worker: serving on {endpoint} ({security})", err=True)
     worker.serve_forever()
     click.echo("ffai-worker: stopped", err=True)
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default=".",
+    show_default=True,
+    help="Folder to write the key files into.",
+)
+@click.option("--name", default="worker", show_default=True, help="Base name of the key files.")
+def keygen(directory: str, name: str) -> None:
+    """Write a CurveZMQ key pair: NAME.key (public, share it) and NAME.key_secret (0600)."""
+    from ffai_worker.curve_auth import write_key_pair
+
+    public, secret = write_key_pair(Path(directory), name)
+    click.echo(f"public key: {public}  (give it to clients, or to a worker's --curve-clients)")
+    click.echo(f"secret key: {secret}  (mode 0600; --curve-secret / --curve-key)")
 
 
 @main.command()
@@ -300,7 +371,7 @@ def install(
     except click.UsageError as exc:
         raise click.UsageError(f"serve options: {exc.format_message()}") from None
     if endpoint is not None:
-        _check_endpoint(endpoint, bool(ctx.params["allow_remote"]))
+        _check_endpoint(endpoint, bool(ctx.params["insecure"]), bool(ctx.params["curve_secret"]))
     try:
         content = si.render(kind, argv)
     except ValueError as exc:

@@ -35,6 +35,7 @@ from ffai_client.endpoints import check_socket_dir, check_socket_file, ipc_path,
 from ffai_client.errors import UnsafeEndpoint
 from ffai_client.types import GenerationChunk
 from ffai_worker.admission import INLINE_TEXT_CHARS, INLINE_TOKENS, Preparer
+from ffai_worker.curve_auth import CurveServer
 from ffai_worker.engine import Engine, StepFailed
 from ffai_worker.sequence import EngineRequest, RequestRejected
 
@@ -62,6 +63,7 @@ class ServerConfig:
     idle_poll_ms: int = 100
     # Minimum time between two frames of one stream; None: AUTO_PACE (below).
     stream_interval_s: float | None = None
+    curve: CurveServer | None = None  # CurveZMQ keys and allow-list; None: plain ZMTP
 
 
 # Auto pacing: with more than AUTO_PACE_BATCH streams running, each stream gets
@@ -116,6 +118,8 @@ class Worker:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port binds like 127.0.0.1
+        if self.config.curve is not None:
+            self.config.curve.apply(self.ctx, sock)
         # ZMTP heartbeats on every transport: libzmq's I/O thread answers them
         # while a step runs, and they find half-open or frozen peers.
         ivl = int(self.config.heartbeat_interval_s * 1000)
@@ -151,6 +155,8 @@ class Worker:
         finally:
             self._preparer.close()
             self.sock.close(linger=500)
+            if self.config.curve is not None:
+                self.config.curve.stop()
             path = ipc_path(self.config.endpoint)
             if path is not None and path.exists():
                 path.unlink()
@@ -619,18 +625,22 @@ class EndpointUnusable(RuntimeError):
 
 
 def _refuse_if_live(endpoint: str, path: Path) -> None:
-    """Remove a stale socket file, but never steal the endpoint of a running worker."""
+    """Remove a stale socket file, but never steal the endpoint of a running worker.
+
+    A listener that accepts the connection at all is a live worker, whatever
+    security it speaks (a ping would go unanswered by a CurveZMQ worker).
+    """
     probe = zmq.Context.instance().socket(zmq.DEALER)
     probe.setsockopt(zmq.LINGER, 0)
+    monitor = probe.get_monitor_socket(zmq.EVENT_CONNECTED)
     try:
         probe.connect(endpoint)
-        probe.send(p.encode(p.Ping(id="probe")), zmq.NOBLOCK)
-        if probe.poll(300, zmq.POLLIN):
+        if monitor.poll(300, zmq.POLLIN):
             raise EndpointUnusable(
                 f"another worker is already serving {endpoint}; stop it or pick another --endpoint"
             )
-    except zmq.Again:
-        pass
     finally:
+        probe.disable_monitor()
+        monitor.close(linger=0)
         probe.close()
     path.unlink(missing_ok=True)

@@ -18,11 +18,13 @@ from ffai_client import AsyncClient, Client, ClientClosed, WorkerUnavailable
 # Pinned (httpx style): a name enters or leaves the public API only by editing this list.
 PUBLIC_API = [
     "AsyncClient",
+    "AuthenticationFailed",
     "Busy",
     "ChatMessage",
     "ChatTemplateOptions",
     "Client",
     "ClientClosed",
+    "CurveClientKeys",
     "FFAIError",
     "GenerationChunk",
     "GenerationParameters",
