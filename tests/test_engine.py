@@ -256,6 +256,37 @@ def test_cancel_with_a_token_in_flight_ends_at_the_last_streamed_token(engine: E
     assert not engine.cancel(key)
 
 
+def test_interleaved_in_process_streams_each_get_their_own_chunks(engine: Engine) -> None:
+    params = GenerationParameters(temperature=0.0, max_tokens=40, stop_on_eos=False)
+    solo = {p: engine.generate(p, parameters=params).generated_tokens for p in PROMPTS}
+    live = {p: engine.generate_stream(p, parameters=params) for p in PROMPTS}
+    got: dict[str, list[int]] = {p: [] for p in PROMPTS}
+    while live:  # each stream's next() steps the shared loop for all of them
+        for prompt, stream in list(live.items()):
+            chunk = next(stream, None)
+            if chunk is None:
+                del live[prompt]
+            else:
+                got[prompt] += chunk.tokens
+    assert got == solo
+    assert not engine.has_work()
+
+
+def test_engine_imports_from_the_package_after_the_blas_setup() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ffai_worker\n"
+        "assert 'mlx.core' not in sys.modules  # the BLAS swap happens before MLX loads\n"
+        "from ffai_worker import Engine, RequestKey, StepOutput\n"
+        "import ffai_worker.engine as e\n"
+        "assert Engine is e.Engine and 'mlx.core' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_bad_requests_are_rejected_with_codes(engine: Engine) -> None:
     with pytest.raises(RequestRejected) as exc:
         engine.new_request(KEY, tokens=list(range(10)) * 60)
