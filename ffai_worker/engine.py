@@ -2,13 +2,16 @@
 
 `Engine` is usable in-process (`generate_stream`, `generate`) and is what the
 worker's actor thread drives (`new_request` → `submit` → `step`). Both paths
-go through the same `Scheduler.step`, so in-process and served output agree.
+go through the same `step`: the scheduler plans it (scheduler.py, no model),
+the model runner executes it (runner.py), and the engine turns what changed
+into immutable `StepOutput`s, so in-process and served output agree.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +27,14 @@ from ffai_client.types import (
     GenerationResult,
     check_prompt_input,
 )
+from ffai_worker.engine_types import LOCAL_CLIENT, EngineLoad, RequestKey, StepOutput
 from ffai_worker.kv_cache import SlotCache
 from ffai_worker.loading import LoadedModelInfo, load_model, resolve_model_path
-from ffai_worker.sampling import Sampler, TokenHistory
-from ffai_worker.scheduler import Scheduler, SchedulerConfig
-from ffai_worker.sequence import EngineRequest, RequestRejected, Sequence
-from ffai_worker.tokenizer import StreamingDetokenizer, Tokenizer
+from ffai_worker.runner import ModelRunner
+from ffai_worker.scheduler import Completion, Scheduler, SchedulerConfig, StepPlan
+from ffai_worker.sequence import EngineRequest, Phase, RequestRejected, new_sequence
+from ffai_worker.timings import Footprint
+from ffai_worker.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 0.6
 
@@ -47,7 +52,7 @@ class EngineConfig:
 class StepFailed(RuntimeError):
     """An engine step raised; `keys` are the requests it dropped (all that were live)."""
 
-    def __init__(self, keys: list[Hashable], cause: BaseException) -> None:
+    def __init__(self, keys: list[RequestKey], cause: BaseException) -> None:
         super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
         self.keys = keys
 
@@ -80,17 +85,15 @@ class Engine:
             max_slots=self.config.max_batch,
         )
         self.scheduler = Scheduler(
-            model,
-            self.cache,
-            context_length=self.context_length,
-            weights_bytes=info.weights_bytes,
-            config=SchedulerConfig(
+            SchedulerConfig(
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 prefill_step_size=self.config.prefill_step_size,
-            ),
+            )
         )
+        self.runner = ModelRunner(model, self.cache, context_length=self.context_length)
         self._local_ids = itertools.count()
+        self._local: dict[RequestKey, deque[GenerationChunk]] = {}  # in-process streams' chunks
 
     @classmethod
     def load(
@@ -110,7 +113,7 @@ class Engine:
     # -- requests --------------------------------------------------------------
     def new_request(
         self,
-        key: Hashable,
+        key: RequestKey,
         *,
         prompt: str | None = None,
         tokens: Seq[int] | None = None,
@@ -193,38 +196,64 @@ class Engine:
         except ValueError as exc:
             raise RequestRejected("invalid_parameters", str(exc)) from None
 
-    def submit(self, request: EngineRequest) -> Sequence:
+    def submit(self, request: EngineRequest) -> None:
         """Queue a request; raises RequestRejected('busy') when the queue is full."""
-        params = request.params
-        stop_ids = set(params.stop_token_ids)
-        if params.stop_on_eos:
-            stop_ids |= set(self.tokenizer.eos_token_ids)
-        seq = Sequence(
-            request,
-            Sampler(
-                params,
-                vocab_size=self.tokenizer.vocab_size,
-                default_temperature=self.default_temperature,
-            ),
-            TokenHistory(request.prompt_ids),
-            StreamingDetokenizer(self.tokenizer, request.prompt_ids),
-            stop_ids,
-        )
+        seq = new_sequence(request, self.tokenizer, default_temperature=self.default_temperature)
         self.scheduler.add(seq)
-        return seq
+        seq.timings.baseline_memory = mx.get_active_memory()
 
-    def cancel(self, key: Hashable) -> bool:
+    def cancel(self, key: RequestKey) -> bool:
+        """Cancel a live request at the next step; unknown or finished keys: no-op (False)."""
         return self.scheduler.cancel(key)
 
-    def step(self) -> list[Sequence]:
-        """One scheduler step. If it fails, every live sequence is dropped (StepFailed)."""
+    def step(self) -> list[StepOutput]:
+        """Advance every live request by at most one token; return what each one produced.
+
+        If the step fails, every live request is dropped (StepFailed names them).
+        """
         try:
-            return self.scheduler.step()
+            plan = self.scheduler.schedule()
+            self.runner.execute(plan)
+            done = self.scheduler.complete()
+            self.runner.release(done.releases, len(self.scheduler.running))
+            outputs = self._outputs(plan, done)
         except Exception as exc:
+            self.runner.reset()
             raise StepFailed(self.scheduler.abort_all(), exc) from exc
+        if self._local:
+            for out in outputs:
+                inbox = self._local.get(out.key)
+                if inbox is not None:
+                    inbox.extend(out.chunks)
+        return outputs
+
+    def _outputs(self, plan: StepPlan, done: Completion) -> list[StepOutput]:
+        """Final chunks for the requests that ended, then every request's new chunks."""
+        ended = (*plan.ended, *done.finished)
+        if ended:
+            footprint = Footprint(
+                context_length=self.context_length,
+                weights_bytes=self.model_info.weights_bytes,
+                kv_bytes_per_token=self.cache.bytes_per_token,
+                active_memory=mx.get_active_memory(),
+            )
+            for seq in ended:
+                t = seq.timings
+                stats = t.stats(len(seq.prompt_ids), len(seq.generated), seq.position, footprint)
+                seq.outbox.append(seq.final_chunk(stats))
+        outputs = []
+        for seq in (*plan.ended, *plan.running):
+            if seq.outbox:
+                finished = seq.phase is Phase.FINISHED  # its final chunk is among these
+                outputs.append(StepOutput(seq.key, seq.take_chunks(), finished))
+        return outputs
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def workload(self) -> EngineLoad:
+        """Requests running (holding a KV slot) and waiting for one, right now."""
+        return self.scheduler.load()
 
     # -- in-process generation -------------------------------------------------
     def generate_stream(
@@ -241,7 +270,7 @@ class Engine:
 
         Closing the iterator early cancels the request at the next token boundary.
         """
-        key = ("local", next(self._local_ids))
+        key = RequestKey(LOCAL_CLIENT, str(next(self._local_ids)))
         request = self.new_request(
             key,
             prompt=prompt,
@@ -251,12 +280,13 @@ class Engine:
             parameters=parameters,
             add_special_tokens=add_special_tokens,
         )
-        seq = self.submit(request)
+        self.submit(request)
+        inbox = self._local[key] = deque()
         finished = False
         try:
             while True:
-                while seq.outbox:
-                    chunk = seq.outbox.popleft()
+                while inbox:
+                    chunk = inbox.popleft()
                     finished = chunk.is_final
                     yield chunk
                     if finished:
@@ -264,14 +294,14 @@ class Engine:
                 self.step()
         finally:
             if not finished:
-                self._abandon(seq)
+                self._abandon(key)
+            self._local.pop(key, None)
 
-    def _abandon(self, seq: Sequence) -> None:
-        """Cancel and step until the sequence's slot is free again."""
-        self.cancel(seq.key)
-        while self.scheduler.get(seq.key) is not None:
+    def _abandon(self, key: RequestKey) -> None:
+        """Cancel and step until the request's slot is free again."""
+        self.cancel(key)
+        while self.scheduler.get(key) is not None:
             self.step()
-        seq.outbox.clear()
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
         """Collect `generate_stream` into one result."""
@@ -361,6 +391,7 @@ class Engine:
         from ffai_worker.blas import blas_info
 
         mi = self.model_info
+        load = self.workload()
         return {
             "model": self.model_id,
             "architecture": mi.architecture,
@@ -368,8 +399,8 @@ class Engine:
             "dtype": mi.dtype,
             "quantization": mi.quantization if not mi.dequantized else None,
             "has_chat_template": bool(self.tokenizer.chat_templates),
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "running": load.running,
+            "waiting": load.waiting,
             "kv_cache_bytes": self.cache.allocated_bytes,
             "blas": blas_info(),
         }

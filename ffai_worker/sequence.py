@@ -1,19 +1,19 @@
-"""One generation request's state as it moves through the scheduler."""
+"""One generation request's state as it moves through the scheduler and the model runner."""
 
 from __future__ import annotations
 
 import enum
-import time
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ffai_client.types import GenerationChunk, GenerationParameters, GenerationStats
+from ffai_worker.engine_types import RequestKey
+from ffai_worker.timings import Timings
 
 if TYPE_CHECKING:
     from ffai_worker.sampling import Sampler, TokenHistory
-    from ffai_worker.tokenizer import StreamingDetokenizer
+    from ffai_worker.tokenizer import StreamingDetokenizer, Tokenizer
 
 
 class RequestRejected(Exception):
@@ -29,7 +29,7 @@ class RequestRejected(Exception):
 class EngineRequest:
     """A validated, tokenized request, ready to be scheduled."""
 
-    key: Hashable  # unique among live requests: (client identity, id) in the worker
+    key: RequestKey  # unique among live requests
     prompt_ids: list[int]
     params: GenerationParameters
 
@@ -75,24 +75,6 @@ class StopStringMatcher:
         return best
 
 
-@dataclass
-class Timings:
-    """Clock readings and memory counters behind GenerationStats."""
-
-    submitted: float = field(default_factory=time.perf_counter)
-    prefill_started: float | None = None
-    first_token: float | None = None
-    tenth_token: float | None = None
-    last_token: float | None = None
-    prefill_busy_s: float = 0.0
-    baseline_memory: int = 0
-    post_prefill_memory: int = 0
-    prefill_peak: int = 0
-    decode_peak: int = 0
-    max_batch: int = 1
-    kv_capacity: int = 0  # positions the sequence's slot held when released
-
-
 class Sequence:
     """A running request: its tokens, sampler, detokenizer, stop rules and outbox."""
 
@@ -134,12 +116,7 @@ class Sequence:
         """Record one sampled token, emit its text, and decide whether to stop."""
         self.generated.append(token)
         self.history.append(token)
-        t = self.timings
-        if t.first_token is None:
-            t.first_token = now
-        if len(self.generated) == 10:
-            t.tenth_token = now
-        t.last_token = now
+        self.timings.on_token(now, len(self.generated))
         if token in self.stop_ids:
             self._emit(self._flush_text(), [token])
             self.finish_reason = "stop"
@@ -168,6 +145,12 @@ class Sequence:
             self._emit(tail, [])
         self.finish_reason = "cancelled"
 
+    def take_chunks(self) -> tuple[GenerationChunk, ...]:
+        """The chunks produced since the last call, oldest first."""
+        chunks = tuple(self.outbox)
+        self.outbox.clear()
+        return chunks
+
     def final_chunk(self, stats: GenerationStats) -> GenerationChunk:
         assert self.finish_reason is not None
         return GenerationChunk(
@@ -177,3 +160,23 @@ class Sequence:
             stats=stats,
             finish_reason=self.finish_reason,  # type: ignore[arg-type]
         )
+
+
+def new_sequence(
+    request: EngineRequest, tokenizer: Tokenizer, *, default_temperature: float
+) -> Sequence:
+    """A request's sequence: its sampler, token history, detokenizer and stop ids."""
+    from ffai_worker.sampling import Sampler, TokenHistory
+    from ffai_worker.tokenizer import StreamingDetokenizer
+
+    params = request.params
+    stop_ids = set(params.stop_token_ids)
+    if params.stop_on_eos:
+        stop_ids |= set(tokenizer.eos_token_ids)
+    sampler = Sampler(
+        params, vocab_size=tokenizer.vocab_size, default_temperature=default_temperature
+    )
+    history = TokenHistory(request.prompt_ids)
+    return Sequence(
+        request, sampler, history, StreamingDetokenizer(tokenizer, request.prompt_ids), stop_ids
+    )

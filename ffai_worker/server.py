@@ -2,11 +2,11 @@
 
 One thread does everything, in this order, forever:
 drain the mailbox (decode and act on every waiting frame) → one engine step →
-send that step's chunks. Sends never block: a client whose pipe is full keeps
-its chunks here, coalesced into one, until it reads; a client that vanished
-(ROUTER_MANDATORY turns the send into EHOSTUNREACH) has all its sequences
-cancelled. The only MLX work happens inside `engine.step()` and the request
-handlers, both on this thread.
+send that step's chunks. Sends never block (outbox.py): a client whose pipe is
+full keeps its chunks there, coalesced into one, until it reads; a client that
+vanished (ROUTER_MANDATORY turns the send into EHOSTUNREACH) has all its
+sequences cancelled. The only MLX work happens inside `engine.step()` and the
+request handlers, both on this thread.
 
 Requests whose preparation may take long (a chat template, a long prompt) are
 prepared on other threads (admission.py) and admitted here when ready; until
@@ -16,13 +16,12 @@ handled in the order it sent them.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -33,10 +32,11 @@ import zmq
 from ffai_client import protocol as p
 from ffai_client.endpoints import check_socket_dir, check_socket_file, ipc_path, runtime_dir
 from ffai_client.errors import UnsafeEndpoint
-from ffai_client.types import GenerationChunk
 from ffai_worker.admission import INLINE_TEXT_CHARS, INLINE_TOKENS, Preparer
 from ffai_worker.curve_auth import CurveServer
 from ffai_worker.engine import Engine, StepFailed
+from ffai_worker.engine_types import RequestKey, StepOutput
+from ffai_worker.outbox import Outbox
 from ffai_worker.sequence import EngineRequest, RequestRejected
 
 log = logging.getLogger("ffai_worker")
@@ -44,10 +44,6 @@ log = logging.getLogger("ffai_worker")
 SERVER_NAME = "ffai-worker/0.1.0"
 MAX_TOKENS_UNCAPPED = 2**31 - 1  # the protocol's own bound on params.max_tokens
 MAX_RECV_PER_TICK = 256  # frames drained before the next step, so decoding never starves
-# Replies that must arrive wait here while a client's pipe is full; a client that
-# lets more than this pile up is not reading and is treated as gone (SPEC 3.2).
-MAX_QUEUED_REPLIES = 100_000
-MAX_QUEUED_REPLY_BYTES = 64 << 20
 SEND_RETRY_POLL_MS = 5  # idle wait while only a full pipe holds output back
 SHUTDOWN_FLUSH_S = 2.0  # how long a stopping worker keeps offering queued replies
 # Frames of one client held while one of its requests is being prepared, and their bytes.
@@ -61,22 +57,9 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20
     heartbeat_interval_s: float = 1.0
     idle_poll_ms: int = 100
-    # Minimum time between two frames of one stream; None: AUTO_PACE (below).
+    # Minimum time between two frames of one stream; None: auto pacing (outbox.py).
     stream_interval_s: float | None = None
     curve: CurveServer | None = None  # CurveZMQ keys and allow-list; None: plain ZMTP
-
-
-# Auto pacing: with more than AUTO_PACE_BATCH streams running, each stream gets
-# at most one frame per AUTO_PACE_PER_STREAM_S x streams, up to AUTO_PACE_MAX_S
-# (tokens in between are coalesced; first and final frames are never held), so
-# all clients together wake about 200 times a second however many there are.
-# Every frame costs its client process a wake-up (~60 us of Python, more on a
-# slow machine); with 16 clients on a 2-core machine that was a third of the CPU
-# the batched step needed (tinystories: 3.6k tok/s served vs 5.4k in-process).
-# 20-50 ms is below what a reader notices.
-AUTO_PACE_BATCH = 4
-AUTO_PACE_PER_STREAM_S = 0.005
-AUTO_PACE_MAX_S = 0.050
 
 
 class Worker:
@@ -88,17 +71,16 @@ class Worker:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self._stopping = False
-        # (identity, id) → chunks not yet sent; the deque holds at most one
-        # coalesced non-final chunk and the final one.
-        self._pending: dict[Hashable, deque[GenerationChunk]] = {}
         self._live: dict[bytes, set[str]] = {}  # identity → ids of accepted generates
-        self._next_send: dict[Hashable, float] = {}  # key → when its next frame may go
-        # identity → encoded replies (errors, pongs, info…) its full pipe refused, and their bytes
-        self._replies: dict[bytes, deque[bytes]] = {}
-        self._reply_bytes: dict[bytes, int] = {}
-        # Service counters, reported by `info`: frames sent, and CPU seconds of
-        # this (actor) thread spent in the loop outside `engine.step()`.
-        self.frames_sent = 0
+        self.outbox = Outbox(
+            self.sock,
+            stream_interval_s=config.stream_interval_s,
+            streams=lambda: self.engine.workload().running,
+            on_gone=self._client_gone,
+            on_final=self._ended,
+        )
+        # Service counter, reported by `info` (beside the outbox's frames sent): CPU
+        # seconds of this (actor) thread spent in the loop outside `engine.step()`.
         self.service_cpu_s = 0.0
         self._tick_cpu0 = 0.0  # this thread's CPU clock when the current tick started
         # Preparation off the actor thread; a client's frames wait here while one of
@@ -169,7 +151,7 @@ class Worker:
         if self.engine.has_work():
             # Busy: one cheap getsockopt instead of a zero-timeout poll.
             ready = self.sock.get(zmq.EVENTS) & zmq.POLLIN
-        elif self._pending or self._replies:
+        elif self.outbox.has_backlog():
             ready = self._wait_idle(SEND_RETRY_POLL_MS)  # a slow reader: retry sending soon
         else:
             ready = self._wait_idle(self.config.idle_poll_ms)
@@ -186,27 +168,27 @@ class Worker:
                 self._fail_requests(exc.keys, str(exc))
                 touched = []
             step_cpu = time.thread_time() - before
-            for seq in touched:
-                if seq.outbox:
-                    self._emit(seq.key, seq.outbox)
-        if self._pending:
-            self._flush_pending()
-        if self._replies:
-            self._flush_replies()
+            for out in touched:
+                self._emit(out)
+        if self.outbox.pending:
+            self.outbox.flush_pending()
+        if self.outbox.replies:
+            self.outbox.flush_replies()
         end = self._tick_cpu0 = time.thread_time()
         self.service_cpu_s += end - start - step_cpu
 
     def _shut_down(self) -> None:
         """Stop admitting; end every accepted request with `shutting_down`."""
-        self._next_send.clear()  # text held back by pacing goes out before the error
+        self.outbox.next_send.clear()  # text held back by pacing goes out before the error
         self._drain_mailbox()
         for identity in list(self._deferred):
             self._resume(identity)  # answered now: refused generates, inline everything else
-        self._flush_pending()
+        self.outbox.flush_pending()
         for identity, ids in list(self._live.items()):
             for rid in list(ids):
-                self.engine.cancel((identity, rid))
-                self._pending.pop((identity, rid), None)
+                key = RequestKey(identity, rid)
+                self.engine.cancel(key)
+                self.outbox.forget(key)
                 self._send(
                     identity,
                     p.Error(id=rid, code="shutting_down", message="the worker is stopping"),
@@ -215,8 +197,8 @@ class Worker:
         while self.engine.has_work():
             self.engine.step()
         deadline = time.monotonic() + SHUTDOWN_FLUSH_S
-        while self._replies and time.monotonic() < deadline:
-            self._flush_replies()
+        while self.outbox.replies and time.monotonic() < deadline:
+            self.outbox.flush_replies()
             time.sleep(SEND_RETRY_POLL_MS / 1000)
 
     # -- receiving -------------------------------------------------------------
@@ -261,16 +243,10 @@ class Worker:
         if isinstance(msg, p.Generate):
             self._on_generate(identity, msg)
         elif isinstance(msg, p.Cancel):
-            self.engine.cancel((identity, msg.id))
+            self.engine.cancel(RequestKey(identity, msg.id))
         elif isinstance(msg, p.Ping):
-            self._send(
-                identity,
-                p.Pong(
-                    id=msg.id,
-                    running=len(self.engine.scheduler.running),
-                    waiting=len(self.engine.scheduler.waiting),
-                ),
-            )
+            load = self.engine.workload()
+            self._send(identity, p.Pong(id=msg.id, running=load.running, waiting=load.waiting))
         elif isinstance(msg, p.Hello):
             self._send(identity, self._welcome())
         elif isinstance(msg, p.InfoRequest):
@@ -282,7 +258,7 @@ class Worker:
                     id=msg.id,
                     limits=self._limits(),
                     **self.engine.info(),
-                    frames_sent=self.frames_sent,
+                    frames_sent=self.outbox.frames_sent,
                     service_cpu_s=service_cpu_s,
                 ),
             )
@@ -305,7 +281,7 @@ class Worker:
 
         def prepare() -> EngineRequest:
             return self.engine.new_request(
-                (identity, msg.id),
+                RequestKey(identity, msg.id),
                 prompt=msg.prompt,
                 tokens=msg.tokens,
                 messages=msg.messages,
@@ -433,138 +409,37 @@ class Worker:
             limits=self._limits(),
         )
 
-    # -- sending ---------------------------------------------------------------
-    def _emit(self, key: Hashable, outbox: deque[GenerationChunk]) -> None:
-        """Send a step's chunks at once; what a full pipe refuses or pacing holds waits."""
-        identity, rid = key  # type: ignore[misc]
-        if rid not in self._live.get(identity, ()):
-            outbox.clear()  # its client vanished: the output has nowhere to go
-            return
-        if key not in self._pending and not self._held(key, outbox):
-            self._send_queue(key, outbox)  # the common case: nothing older waits
-            if not outbox:
-                return
-        queue = self._pending.get(key)
-        if queue is None:
-            queue = self._pending[key] = deque()
-        while outbox:
-            chunk = outbox.popleft()
-            if queue and not chunk.is_final and not queue[-1].is_final:
-                queue[-1] = _coalesce(queue[-1], chunk)
-            else:
-                queue.append(chunk)
-
-    def _flush_pending(self) -> None:
-        for key in list(self._pending):
-            queue = self._pending.get(key)
-            if queue is None:
-                continue  # dropped while flushing: its client vanished
-            if not self._held(key, queue):
-                self._send_queue(key, queue)
-            if not queue:
-                self._pending.pop(key, None)
-
-    def _send_queue(self, key: Hashable, queue: deque[GenerationChunk]) -> None:
-        """Send chunks from the front of `queue` until it is empty or the pipe is full."""
-        identity, rid = key  # type: ignore[misc]
-        while queue:
-            chunk = queue[0]
-            outcome = self._send_bytes(identity, p.encode_chunk(rid, chunk))
-            if outcome == "full":
-                return  # the client is slow: coalesce for it until it reads
-            queue.popleft()
-            if outcome == "gone":
-                queue.clear()
-                return
-            if chunk.is_final:
-                self._live.get(identity, set()).discard(rid)
-                self._next_send.pop(key, None)
-                return
-        pace = self._pace_s()
-        if pace > 0:
-            self._next_send[key] = time.monotonic() + pace
-
-    def _held(self, key: Hashable, chunks: deque[GenerationChunk]) -> bool:
-        """Whether pacing holds these chunks back for now (never a final chunk)."""
-        due = self._next_send.get(key)
-        return due is not None and not chunks[-1].is_final and time.monotonic() < due
-
-    def _pace_s(self) -> float:
-        if self.config.stream_interval_s is not None:
-            return self.config.stream_interval_s
-        streams = len(self.engine.scheduler.running)
-        if streams <= AUTO_PACE_BATCH:
-            return 0.0
-        return min(AUTO_PACE_MAX_S, AUTO_PACE_PER_STREAM_S * streams)
+    # -- sending (outbox.py) ---------------------------------------------------
+    def _emit(self, out: StepOutput) -> None:
+        if out.key.request_id in self._live.get(out.key.client, ()):
+            self.outbox.emit(out.key, out.chunks)
+        # else its client vanished: the output has nowhere to go
 
     def _send(self, identity: bytes, msg: Any) -> None:
         """Send a reply that must arrive; a full pipe queues it behind earlier ones."""
-        data = p.encode(msg)
-        queue = self._replies.get(identity)
-        if queue is None:
-            if self._send_bytes(identity, data) != "full":
-                return  # sent, or its client is gone (and nobody is left to tell)
-            queue = self._replies[identity] = deque()
-        size = self._reply_bytes.get(identity, 0) + len(data)
-        if len(queue) >= MAX_QUEUED_REPLIES or size > MAX_QUEUED_REPLY_BYTES:
-            log.warning(
-                "client %s reads nothing (%d replies queued): dropped", identity.hex(), len(queue)
-            )
-            self._client_gone(identity)
-            return
-        queue.append(data)
-        self._reply_bytes[identity] = size
+        self.outbox.send(identity, msg)
 
-    def _flush_replies(self) -> None:
-        for identity in list(self._replies):
-            queue = self._replies.get(identity)
-            while queue:
-                outcome = self._send_bytes(identity, queue[0])
-                if outcome == "full":
-                    break
-                if outcome == "gone":
-                    break  # _client_gone dropped the queue
-                self._reply_bytes[identity] -= len(queue.popleft())
-            if not queue:
-                self._replies.pop(identity, None)
-                self._reply_bytes.pop(identity, None)
+    def _ended(self, key: RequestKey) -> None:
+        """A request's final chunk went out: its id is free again."""
+        self._live.get(key.client, set()).discard(key.request_id)
 
-    def _send_bytes(self, identity: bytes, data: bytes) -> str:
-        try:
-            # Two sends are send_multipart without its per-part Python overhead;
-            # ROUTER fails (full or gone) on the first part or not at all.
-            self.sock.send(identity, zmq.SNDMORE | zmq.NOBLOCK)
-            self.sock.send(data, zmq.NOBLOCK)
-        except zmq.Again:
-            return "full"
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EHOSTUNREACH:
-                raise
-            self._client_gone(identity)
-            return "gone"
-        self.frames_sent += 1
-        return "sent"
-
-    def _fail_requests(self, keys: list[Hashable], message: str) -> None:
+    def _fail_requests(self, keys: list[RequestKey], message: str) -> None:
         """End each request with an `internal` error (its held output is dropped)."""
         for key in keys:
-            identity, rid = key  # type: ignore[misc]
-            live = self._live.get(identity)
-            if live is None or rid not in live:
+            live = self._live.get(key.client)
+            if live is None or key.request_id not in live:
                 continue
-            live.discard(rid)
-            self._pending.pop(key, None)
-            self._next_send.pop(key, None)
-            self._send(identity, p.Error(id=rid, code="internal", message=message))
+            live.discard(key.request_id)
+            self.outbox.forget(key)
+            self._send(key.client, p.Error(id=key.request_id, code="internal", message=message))
 
     def _client_gone(self, identity: bytes) -> None:
         """A vanished client: cancel everything it started and drop its output."""
-        self._replies.pop(identity, None)
-        self._reply_bytes.pop(identity, None)
+        self.outbox.forget_client(identity)
         for rid in self._live.pop(identity, set()):
-            self.engine.cancel((identity, rid))
-            self._pending.pop((identity, rid), None)
-            self._next_send.pop((identity, rid), None)
+            key = RequestKey(identity, rid)
+            self.engine.cancel(key)
+            self.outbox.forget(key)
 
 
 def _tokenize(worker: Worker, msg: p.TokenizeRequest) -> Callable[[], p.TokenizeReply]:
@@ -589,10 +464,6 @@ def _render(worker: Worker, msg: p.RenderRequest) -> Callable[[], p.RenderReply]
         return p.RenderReply(id=msg.id, text=text, tokens=tokens)
 
     return work
-
-
-def _coalesce(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
-    return GenerationChunk(text=a.text + b.text, tokens=a.tokens + b.tokens, position=b.position)
 
 
 def prepare_endpoint(endpoint: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Hashable
 from pathlib import Path
 
 import checkpoints
@@ -13,9 +12,23 @@ from conftest import TINYSTORIES, TOKENIZERS
 import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine, EngineConfig
+from ffai_worker.engine_types import RequestKey, StepOutput
 from ffai_worker.sequence import RequestRejected
 
 GREEDY = GenerationParameters(temperature=0.0, max_tokens=48, stop_on_eos=False)
+
+
+def key(name: str) -> RequestKey:
+    return RequestKey(b"test", name)
+
+
+def submit(engine: Engine, name: str, **kwargs: object) -> None:
+    engine.submit(engine.new_request(key(name), **kwargs))  # type: ignore[arg-type]
+
+
+def step(engine: Engine) -> dict[str, StepOutput]:
+    """One step; its outputs by request name."""
+    return {out.key.request_id: out for out in engine.step()}
 
 
 def build_qwen2(folder: Path) -> Path:
@@ -46,29 +59,25 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     )
 
 
-def run_all(
-    engine: Engine, requests: dict[Hashable, dict], stagger: int = 0
-) -> dict[Hashable, list[int]]:
+def run_all(engine: Engine, requests: dict[str, dict], stagger: int = 0) -> dict[str, list[int]]:
     """Submit requests (every `stagger` steps, or all at once) and step until all finish."""
     pending = list(requests.items())
-    seqs = {}
-    tokens: dict[Hashable, list[int]] = {k: [] for k in requests}
+    tokens: dict[str, list[int]] = {k: [] for k in requests}
     steps = 0
     while pending or engine.has_work():
         if pending and (stagger == 0 or steps % stagger == 0):
             batch = pending if stagger == 0 else pending[:1]
-            for key, kwargs in batch:
-                seqs[key] = engine.submit(engine.new_request(key, **kwargs))
+            for name, kwargs in batch:
+                submit(engine, name, **kwargs)
             pending = [] if stagger == 0 else pending[1:]
-        engine.step()
+        for name, out in step(engine).items():
+            for chunk in out.chunks:
+                tokens[name].extend(chunk.tokens)
         steps += 1
-        for key, seq in seqs.items():
-            while seq.outbox:
-                tokens[key].extend(seq.outbox.popleft().tokens)
     return tokens
 
 
-def prompts_of_different_lengths(engine: Engine) -> dict[Hashable, dict]:
+def prompts_of_different_lengths(engine: Engine) -> dict[str, dict]:
     base = "Once upon a time there was a little dog who liked to play in the park with friends"
     words = base.split()
     return {
@@ -106,24 +115,25 @@ def test_seeded_sampling_is_batch_invariant(tiny: Engine) -> None:
 
 def test_long_prompt_prefill_does_not_freeze_running_streams(qwen: Engine) -> None:
     params = GenerationParameters(temperature=0.0, max_tokens=200, stop_on_eos=False)
-    streams = [
-        qwen.submit(qwen.new_request(f"run{i}", prompt=f"stream {i}", parameters=params))
-        for i in range(4)
-    ]
-    while any(not s.generated for s in streams):
-        qwen.step()
+    streams = [f"run{i}" for i in range(4)]
+    for i, name in enumerate(streams):
+        submit(qwen, name, prompt=f"stream {i}", parameters=params)
+    started: set[str] = set()
+    while started != set(streams):
+        started |= {name for name, out in step(qwen).items() if any(c.tokens for c in out.chunks)}
     long_ids = [(i * 7919) % 150000 + 10 for i in range(2000)]
-    long = qwen.submit(qwen.new_request("long", tokens=long_ids, parameters=params))
+    submit(qwen, "long", tokens=long_ids, parameters=params)
     prefill_steps = 0
-    while not long.generated:
-        before = [len(s.generated) for s in streams]
-        qwen.step()
+    while True:
+        outputs = step(qwen)
         prefill_steps += 1
-        after = [len(s.generated) for s in streams]
-        assert after == [b + 1 for b in before]  # every stream got a token in this step
+        for name in streams:  # every stream got a token in this step
+            assert sum(len(c.tokens) for c in outputs[name].chunks) == 1, (name, prefill_steps)
+        if "long" in outputs:
+            break
     assert prefill_steps >= 4  # 2,000 tokens at 512 per step: spread over steps
-    for key in ["long", *(f"run{i}" for i in range(4))]:
-        qwen.cancel(key)
+    for name in ["long", *streams]:
+        qwen.cancel(key(name))
     while qwen.has_work():
         qwen.step()
 
@@ -131,25 +141,28 @@ def test_long_prompt_prefill_does_not_freeze_running_streams(qwen: Engine) -> No
 def test_queue_overflow_is_busy_and_cancelling_a_queued_request_frees_its_slot() -> None:
     engine = Engine.load(TINYSTORIES, config=EngineConfig(max_batch=1, max_queue=2))
     params = GenerationParameters(temperature=0.0, max_tokens=50, stop_on_eos=False)
-    running = engine.submit(engine.new_request("a", prompt="Once", parameters=params))
-    engine.step()  # "a" takes the only slot
-    queued = [
-        engine.submit(engine.new_request(k, prompt="The cat", parameters=params)) for k in "bc"
-    ]
+    submit(engine, "a", prompt="Once", parameters=params)
+    step(engine)  # "a" takes the only slot
+    for name in "bc":
+        submit(engine, name, prompt="The cat", parameters=params)
     with pytest.raises(RequestRejected) as exc:
-        engine.submit(engine.new_request("d", prompt="The dog", parameters=params))
+        submit(engine, "d", prompt="The dog", parameters=params)
     assert exc.value.code == "busy"
-    assert engine.cancel("b")
-    engine.step()
-    final = queued[0].outbox[-1]
+    assert engine.cancel(key("b"))
+    cancelled = step(engine)["b"]
+    final = cancelled.chunks[-1]
+    assert cancelled.finished and len(cancelled.chunks) == 1
     assert final.is_final and final.finish_reason == "cancelled" and final.tokens == []
-    engine.submit(engine.new_request("d", prompt="The dog", parameters=params))  # room again
-    assert not engine.cancel("nope")  # unknown id: harmless
-    for key in "acd":
-        engine.cancel(key)
+    submit(engine, "d", prompt="The dog", parameters=params)  # room again
+    assert not engine.cancel(key("nope"))  # unknown id: harmless
+    for name in "acd":
+        engine.cancel(key(name))
+    finals = {}
     while engine.has_work():
-        engine.step()
-    assert running.finish_reason == "cancelled"
+        finals |= {name: out.chunks[-1] for name, out in step(engine).items() if out.finished}
+    assert {name: c.finish_reason for name, c in finals.items()} == dict.fromkeys(
+        "acd", "cancelled"
+    )
     assert engine.cache.allocated_bytes == 0
 
 
@@ -157,21 +170,26 @@ def test_busy_counts_only_requests_that_will_wait() -> None:
     params = GenerationParameters(temperature=0.0, max_tokens=50, stop_on_eos=False)
     # Free slots take new requests at the next step: they never count as queued.
     engine = Engine.load(TINYSTORIES, config=EngineConfig(max_batch=3, max_queue=0))
-    for key in "abc":
-        engine.submit(engine.new_request(key, prompt="Once", parameters=params))
+    for name in "abc":
+        submit(engine, name, prompt="Once", parameters=params)
     with pytest.raises(RequestRejected) as exc:
-        engine.submit(engine.new_request("d", prompt="Once", parameters=params))
+        submit(engine, "d", prompt="Once", parameters=params)
     assert exc.value.code == "busy"
     # A cancelled waiter gives its place back at once, before any step removes it.
     engine = Engine.load(TINYSTORIES, config=EngineConfig(max_batch=1, max_queue=1))
-    engine.submit(engine.new_request("a", prompt="Once", parameters=params))
+    submit(engine, "a", prompt="Once", parameters=params)
     engine.step()
-    engine.submit(engine.new_request("b", prompt="The cat", parameters=params))
+    submit(engine, "b", prompt="The cat", parameters=params)
     with pytest.raises(RequestRejected):
-        engine.submit(engine.new_request("c", prompt="The dog", parameters=params))
-    assert engine.cancel("b")
-    late = engine.submit(engine.new_request("c", prompt="The dog", parameters=params))
-    engine.cancel("a")
+        submit(engine, "c", prompt="The dog", parameters=params)
+    assert engine.cancel(key("b"))
+    submit(engine, "c", prompt="The dog", parameters=params)
+    engine.cancel(key("a"))
+    late: list[int] = []
+    finish = None
     while engine.has_work():
-        engine.step()
-    assert late.finish_reason == "length" and len(late.generated) == 50
+        out = step(engine).get("c")
+        for chunk in out.chunks if out else ():
+            late.extend(chunk.tokens)
+            finish = chunk.finish_reason or finish
+    assert finish == "length" and len(late) == 50

@@ -12,8 +12,10 @@ from conftest import TINYSTORIES
 import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine, EngineConfig
+from ffai_worker.engine_types import RequestKey
 from ffai_worker.sequence import RequestRejected
 
+KEY = RequestKey(b"test", "k")
 PROMPTS = ["Once upon a time", "Lily and Ben", "The cat"]
 GREEDY = GenerationParameters(temperature=0.0, max_tokens=200, stop_on_eos=False)
 
@@ -233,13 +235,65 @@ def test_closing_the_stream_cancels_and_frees_the_cache(engine: Engine) -> None:
     assert engine.cache.allocated_bytes == 0
 
 
+def test_cancel_with_a_token_in_flight_ends_at_the_last_streamed_token(engine: Engine) -> None:
+    """The pipelined decode has launched a token when the cancel comes: it is never sent."""
+    key = RequestKey(b"test", "in-flight")
+    engine.submit(engine.new_request(key, prompt="Once upon a time", parameters=GREEDY))
+    streamed: list[int] = []
+    for _ in range(6):
+        for out in engine.step():
+            streamed += [t for chunk in out.chunks for t in chunk.tokens]
+    assert engine.runner.in_flight and len(streamed) == 6
+    assert engine.cancel(key)
+    (out,) = engine.step()
+    assert out.key == key and out.finished and not engine.runner.in_flight
+    assert [t for chunk in out.chunks for t in chunk.tokens] == []
+    final = out.chunks[-1]
+    assert final.finish_reason == "cancelled" and final.stats is not None
+    assert final.stats.generated_tokens == 6
+    assert final.position == len(engine.tokenize("Once upon a time")) + 6
+    assert not engine.has_work() and engine.cache.allocated_bytes == 0
+    assert not engine.cancel(key)
+
+
+def test_interleaved_in_process_streams_each_get_their_own_chunks(engine: Engine) -> None:
+    params = GenerationParameters(temperature=0.0, max_tokens=40, stop_on_eos=False)
+    solo = {p: engine.generate(p, parameters=params).generated_tokens for p in PROMPTS}
+    live = {p: engine.generate_stream(p, parameters=params) for p in PROMPTS}
+    got: dict[str, list[int]] = {p: [] for p in PROMPTS}
+    while live:  # each stream's next() steps the shared loop for all of them
+        for prompt, stream in list(live.items()):
+            chunk = next(stream, None)
+            if chunk is None:
+                del live[prompt]
+            else:
+                got[prompt] += chunk.tokens
+    assert got == solo
+    assert not engine.has_work()
+
+
+def test_engine_imports_from_the_package_after_the_blas_setup() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ffai_worker\n"
+        "assert 'mlx.core' not in sys.modules  # the BLAS swap happens before MLX loads\n"
+        "from ffai_worker import Engine, RequestKey, StepOutput\n"
+        "import ffai_worker.engine as e\n"
+        "assert Engine is e.Engine and 'mlx.core' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_bad_requests_are_rejected_with_codes(engine: Engine) -> None:
     with pytest.raises(RequestRejected) as exc:
-        engine.new_request("k", tokens=list(range(10)) * 60)
+        engine.new_request(KEY, tokens=list(range(10)) * 60)
     assert exc.value.code == "prompt_too_long"
     with pytest.raises(RequestRejected) as exc:
-        engine.new_request("k", tokens=[1, 99999])
+        engine.new_request(KEY, tokens=[1, 99999])
     assert exc.value.code == "invalid_request"
     with pytest.raises(RequestRejected) as exc:
-        engine.new_request("k", prompt="a", tokens=[1])
+        engine.new_request(KEY, prompt="a", tokens=[1])
     assert exc.value.code == "invalid_request"

@@ -10,7 +10,7 @@ prompt ids.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,6 +24,7 @@ import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
 from ffai_worker.decoder import BatchedDecoder
 from ffai_worker.engine import Engine, EngineConfig
+from ffai_worker.engine_types import RequestKey
 
 N_TOKENS = 48
 GREEDY = GenerationParameters(temperature=0.0, max_tokens=N_TOKENS, stop_on_eos=False)
@@ -64,7 +65,7 @@ class Arch:
             engine = self.engine
             decoder = BatchedDecoder(engine.model, engine.cache, compiled=compiled)
             self.decoders[compiled] = decoder
-        self.engine.scheduler.decoder = decoder
+        self.engine.runner.decoder = decoder
         return decoder
 
 
@@ -97,27 +98,24 @@ def arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 def run_batch(
-    engine: Engine, requests: dict[Hashable, dict[str, Any]], stagger: int = 0
-) -> dict[Hashable, list[int]]:
+    engine: Engine, requests: dict[str, dict[str, Any]], stagger: int = 0
+) -> dict[str, list[int]]:
     """Submit all requests at once (or one every `stagger` steps); step until all finish."""
     pending = list(requests.items())
-    seqs = {}
-    tokens: dict[Hashable, list[int]] = {key: [] for key in requests}
-    finish: dict[Hashable, str | None] = {}
+    tokens: dict[str, list[int]] = {name: [] for name in requests}
+    finish: dict[str, str | None] = {}
     steps = 0
     while pending or engine.has_work():
         if pending and (stagger == 0 or steps % stagger == 0):
             batch, pending = (pending, []) if stagger == 0 else (pending[:1], pending[1:])
-            for key, kwargs in batch:
-                seqs[key] = engine.submit(engine.new_request(key, **kwargs))
-        engine.step()
-        steps += 1
-        for key, seq in seqs.items():
-            while seq.outbox:
-                chunk = seq.outbox.popleft()
-                tokens[key].extend(chunk.tokens)
+            for name, kwargs in batch:
+                engine.submit(engine.new_request(RequestKey(b"parity", name), **kwargs))
+        for out in engine.step():
+            for chunk in out.chunks:
+                tokens[out.key.request_id].extend(chunk.tokens)
                 if chunk.is_final:
-                    finish[key] = chunk.finish_reason
+                    finish[out.key.request_id] = chunk.finish_reason
+        steps += 1
     assert finish == dict.fromkeys(requests, "length")
     assert engine.cache.allocated_bytes == 0
     return tokens
@@ -143,7 +141,7 @@ def test_batched_greedy_matches_transformers(arch: Arch, compiled: bool, mode: s
     other prompt 5 tokens per step alongside decoding rows.
     """
     decoder = arch.use(compiled)
-    requests: dict[Hashable, dict[str, Any]] = {}
+    requests: dict[str, dict[str, Any]] = {}
     for i, prompt in enumerate(BATCH_PROMPTS):
         params = GREEDY
         if mode == "chunked" and i % 2:

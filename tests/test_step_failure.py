@@ -19,6 +19,7 @@ import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client import AsyncClient, GenerationParameters
 from ffai_client.errors import InternalError
 from ffai_worker.engine import Engine, StepFailed
+from ffai_worker.engine_types import RequestKey
 from ffai_worker.server import ServerConfig, Worker
 
 PARAMS = GenerationParameters(temperature=0.0, max_tokens=30, stop_on_eos=False)
@@ -40,19 +41,21 @@ class FailOnce:
 @pytest.fixture
 def engine() -> Iterator[Engine]:
     engine = Engine.load(TINYSTORIES)
-    engine.scheduler.decoder = FailOnce(engine.scheduler.decoder)  # type: ignore[assignment]
+    engine.runner.decoder = FailOnce(engine.runner.decoder)  # type: ignore[assignment]
     yield engine
 
 
 def test_engine_drops_everything_and_recovers(engine: Engine) -> None:
     expected = engine.generate("Once upon a time", parameters=PARAMS).generated_tokens
     for i in range(2):
-        engine.submit(engine.new_request(("k", i), prompt="The cat", parameters=PARAMS))
+        engine.submit(
+            engine.new_request(RequestKey(b"k", str(i)), prompt="The cat", parameters=PARAMS)
+        )
     engine.step()  # prefill (and the first decode) succeed
-    engine.scheduler.decoder.armed = True  # type: ignore[attr-defined]
+    engine.runner.decoder.armed = True  # type: ignore[attr-defined]
     with pytest.raises(StepFailed) as failed:
         engine.step()
-    assert sorted(failed.value.keys) == [("k", 0), ("k", 1)]
+    assert sorted(failed.value.keys) == [RequestKey(b"k", "0"), RequestKey(b"k", "1")]
     assert not engine.has_work() and engine.cache.allocated_bytes == 0
     again = engine.generate("Once upon a time", parameters=PARAMS).generated_tokens
     assert again == expected
@@ -69,11 +72,11 @@ def test_worker_answers_internal_and_keeps_serving(engine: Engine) -> None:
     async def main() -> None:
         async with AsyncClient(endpoint) as client:
             # Armed before the request: its prefill succeeds, its first decode fails.
-            engine.scheduler.decoder.armed = True  # type: ignore[attr-defined]
+            engine.runner.decoder.armed = True  # type: ignore[attr-defined]
             with pytest.raises(InternalError, match="injected fault"):
                 async for _chunk in client.generate_stream("The cat", parameters=PARAMS):
                     pass
-            assert not engine.scheduler.decoder.armed  # type: ignore[attr-defined]
+            assert not engine.runner.decoder.armed  # type: ignore[attr-defined]
             result = await client.generate("Once upon a time", parameters=PARAMS)
             assert result.generated_tokens == expected.generated_tokens
             assert result.text == expected.text

@@ -1,0 +1,198 @@
+"""The model runner: executes a scheduler's StepPlan on the model and the KV cache.
+
+It owns everything that touches MLX in a step: the batched prefill of fresh
+prompts, prompt chunks, the pipelined batched decode and sampling, memory
+readings, and the KV slots (acquired on admission, compacted on release, as the
+scheduler's plan and completion say). Sampled tokens go to their sequences
+(`Sequence.accept`), which stream text and decide when to stop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import mlx.core as mx
+
+from ffai_worker.decoder import BatchedDecoder
+from ffai_worker.kv_cache import SlotCache
+from ffai_worker.prefill import prefill_group_logits
+from ffai_worker.sampling import sample_batch
+from ffai_worker.scheduler import PrefillChunk, Release, StepPlan
+from ffai_worker.sequence import Sequence
+
+# A launched decode whose tokens are not read back yet: the rows it decoded, its tokens.
+Inflight = tuple[tuple[Sequence, ...], mx.array]
+
+
+class ModelRunner:
+    def __init__(self, model: Any, cache: SlotCache, *, context_length: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.context_length = context_length
+        self.decoder = BatchedDecoder(model, cache)
+        self.steps = 0  # forward steps taken (tests observe progress by it)
+        self.pipeline = True  # overlap each decode step with the previous one's readback
+        self._inflight: Inflight | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a launched decode's tokens are still to be read back."""
+        return self._inflight is not None
+
+    def execute(self, plan: StepPlan) -> None:
+        """Run the plan: take slots, prefill, decode; hand every sampled token to its sequence."""
+        for seq in plan.admitted:
+            slot = self.cache.acquire()
+            assert slot == seq.slot, (slot, seq.slot)
+        if not plan.running:
+            return
+        mx.reset_peak_memory()
+        self.steps += 1
+        if plan.group:
+            self._prefill_group(plan.group)
+        for chunk in plan.chunks:
+            self._prefill_chunk(chunk)
+        self._decode(plan)
+        self._note_peaks(plan.running)
+
+    def release(self, releases: tuple[Release, ...], running: int) -> None:
+        """Free the finished sequences' slots, compacting as the scheduler did."""
+        for release in releases:
+            release.seq.timings.kv_capacity = self.cache.capacity
+            moved = self.cache.release(release.slot)
+            assert moved == release.moved, (moved, release.moved)
+        if not running:
+            self._inflight = None  # only finished rows were left in flight
+
+    def reset(self) -> None:
+        """Forget all state after a failed step: nothing in flight, every slot free."""
+        self._inflight = None
+        self.cache.reset()
+
+    # -- prefill -------------------------------------------------------------
+    def _prefill_group(self, group: tuple[Sequence, ...]) -> None:
+        """Prefill several whole prompts in one forward; each samples its first token."""
+        t0 = time.perf_counter()
+        slots = [_slot(s) for s in group]
+        prompts = [list(s.prompt_ids) for s in group]
+        logits = prefill_group_logits(self.model, self.cache, slots, prompts)
+        tokens = sample_batch([s.sampler for s in group], logits, [s.history for s in group])
+        mx.eval(tokens, self.cache.keys, self.cache.values)
+        now = time.perf_counter()
+        memory = mx.get_active_memory()
+        for seq, token in zip(group, _ints(tokens), strict=True):
+            seq.timings.prefill_started = t0
+            seq.timings.prefill_busy_s += now - t0
+            seq.accept(token, now, self.context_length)
+            seq.timings.post_prefill_memory = memory
+
+    def _prefill_chunk(self, chunk: PrefillChunk) -> None:
+        """Run one chunk of a prompt; sample the first token after the last chunk."""
+        seq, start, size = chunk.seq, chunk.start, chunk.size
+        t0 = time.perf_counter()
+        if seq.timings.prefill_started is None:
+            seq.timings.prefill_started = t0
+        views = self.cache.prefill_views(_slot(seq), start, size)
+        inputs = mx.array([seq.prompt_ids[start : start + size]], dtype=mx.int32)  # (1, L)
+        if not chunk.completes:
+            # Only the cache matters for a middle chunk: the logits are never computed.
+            self.model(inputs, cache=views)
+            mx.eval(self.cache.keys, self.cache.values)
+            seq.timings.prefill_busy_s += time.perf_counter() - t0
+            return
+        logits = self._last_logits(inputs, views)  # (1, V)
+        token = sample_batch([seq.sampler], logits, [seq.history])
+        mx.eval(token, self.cache.keys, self.cache.values)
+        now = time.perf_counter()
+        seq.timings.prefill_busy_s += now - t0
+        seq.accept(_ints(token)[0], now, self.context_length)
+        seq.timings.post_prefill_memory = mx.get_active_memory()
+
+    def _last_logits(self, inputs: mx.array, views: list[Any]) -> mx.array:
+        # Project only the last position: the LM head over a whole chunk is wasted work.
+        return self.model(inputs, cache=views, last_only=True)[:, -1, :]  # (1, V)
+
+    # -- decode --------------------------------------------------------------
+    def _decode(self, plan: StepPlan) -> None:
+        """One batched forward: a token for every sequence the plan decodes.
+
+        Pipelined like mlx-lm's generate_step: when the decoding set is the
+        same as last step's, the new forward is built on last step's still
+        lazy tokens and launched with `async_eval` before those tokens are
+        read back, so graph building and Python bookkeeping overlap compute.
+        Rows that finished in the meantime just waste one token's work.
+        """
+        running = plan.running
+        decoding = _unfinished(plan.decode)
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and not (inflight[0] == decoding and len(decoding) == len(running)):
+            self._settle(inflight)  # the batch changed: settle before rebuilding
+            inflight = None
+            decoding = _unfinished(decoding)
+        if not decoding:
+            return
+        if inflight is not None:
+            inputs = inflight[1][:, None]  # (B, 1), still lazy
+        else:
+            inputs = mx.array(
+                [[s.last_token if s in decoding else 0] for s in running], dtype=mx.int32
+            )  # (B, 1)
+        tokens = self._forward(inputs, running, decoding)
+        if inflight is not None or self._pipelinable(decoding):
+            mx.async_eval(tokens, self.cache.keys, self.cache.values)
+            self._inflight = (decoding, tokens)
+        else:
+            mx.eval(tokens, self.cache.keys, self.cache.values)
+            self._settle((decoding, tokens))
+        if inflight is not None:
+            self._settle(inflight)
+
+    def _pipelinable(self, decoding: tuple[Sequence, ...]) -> bool:
+        # A penalty needs the previous token in its history before sampling.
+        return self.pipeline and not any(s.sampler.uses_history for s in decoding)
+
+    def _forward(
+        self, inputs: mx.array, running: tuple[Sequence, ...], decoding: tuple[Sequence, ...]
+    ) -> mx.array:
+        """Build (lazily) one decode step; return the sampled tokens (B_decoding,)."""
+        active = [s in decoding for s in running]
+        logits = self.decoder(inputs, active)  # (B, V)
+        if len(decoding) != len(running):
+            rows = [i for i, ok in enumerate(active) if ok]
+            logits = logits[mx.array(rows)]
+        return sample_batch([s.sampler for s in decoding], logits, [s.history for s in decoding])
+
+    def _settle(self, step: Inflight) -> None:
+        """Read a step's tokens back and hand each to its sequence."""
+        decoding, tokens = step
+        values = _ints(tokens)
+        now = time.perf_counter()
+        for seq, token in zip(decoding, values, strict=True):
+            if seq.finish_reason is not None:
+                continue  # finished (or cancelled) after this step was launched
+            seq.timings.max_batch = max(seq.timings.max_batch, len(decoding))
+            seq.accept(token, now, self.context_length)
+
+    def _note_peaks(self, running: tuple[Sequence, ...]) -> None:
+        peak = mx.get_peak_memory()
+        for seq in running:
+            t = seq.timings
+            if t.in_prefill_or_first_token():
+                t.prefill_peak = max(t.prefill_peak, peak)
+            else:
+                t.decode_peak = max(t.decode_peak, peak)
+
+
+def _unfinished(seqs: tuple[Sequence, ...]) -> tuple[Sequence, ...]:
+    return tuple(s for s in seqs if s.finish_reason is None)
+
+
+def _slot(seq: Sequence) -> int:
+    assert seq.slot is not None, "a sequence the plan runs holds a slot"
+    return seq.slot
+
+
+def _ints(tokens: mx.array) -> list[int]:
+    """Read sampled token ids (1-D, int32) back from MLX."""
+    return cast(list[int], tokens.tolist())
