@@ -44,7 +44,7 @@ def _generate(engine: Engine) -> list[int]:
 
 def _trace_addresses(engine: Engine) -> set[int]:
     """Addresses of the functions MLX keys the decoder's compiled traces by."""
-    traces = engine.scheduler.decoder._traces.values()
+    traces = engine.runner.decoder._traces.values()
     return {id(p) for fn in traces for p in gc.get_referents(fn) if isinstance(p, partial)}
 
 
@@ -76,7 +76,7 @@ def test_a_new_trace_never_gets_a_dropped_traces_graph() -> None:
     gc.collect()
     # Reuse the dropped addresses on purpose (what the allocator did by chance):
     # decode steps at width 256 compiled there must still attend over 256 positions.
-    step = reference.scheduler.decoder._step
+    step = reference.runner.decoder._step
     candidates = [partial(step, 256) for _ in range(20000)]
     reused = [p for p in candidates if id(p) in dropped]
     assert reused, "the allocator reused none of the dropped addresses"
