@@ -132,7 +132,7 @@ def main() -> None:
     worker_env = dict(os.environ)
     if not args.peer_kernel:
         os.environ["FFAI_SMALL_GEMM"] = "0"  # this process runs mlx-lm
-    from ffai_worker.blas import blas_info
+    from ffai_worker.native.blas import blas_info
 
     print(f"mlx-lm (this process) BLAS: {blas_info()}")
     defaults = {"tinystories-260k": 200, "qwen2.5-0.5b-random": 24}

@@ -26,8 +26,8 @@ from models import model_set
 
 import ffai_worker  # noqa: F401 - swap in the fast BLAS before mlx loads
 from ffai_client.types import GenerationParameters
-from ffai_worker.blas import blas_info
 from ffai_worker.engine import Engine
+from ffai_worker.native.blas import blas_info
 
 PROMPT_WORDS = (
     "Once upon a time there was a little girl named Lily who loved to play outside ".split()

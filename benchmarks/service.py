@@ -52,8 +52,8 @@ from models import TINYSTORIES
 import ffai_worker  # noqa: F401 - swap in the fast BLAS before mlx loads
 from ffai_client import AsyncClient
 from ffai_client.types import GenerationChunk, GenerationParameters
-from ffai_worker.blas import blas_info
 from ffai_worker.engine import Engine
+from ffai_worker.native.blas import blas_info
 
 PROMPT = "Once upon a time there was a little girl named Lily. She loved to play outside"
 TTFT_PROMPT = "Once upon a time"

@@ -1,7 +1,7 @@
 """FFAI worker: one process that keeps a model loaded and serves many clients.
 
 Importing this package first preloads a fast system BLAS for MLX's CPU backend
-(see `ffai_worker.blas`); import `ffai_worker` before `mlx` everywhere.
+(see `ffai_worker.native.blas`); import `ffai_worker` before `mlx` everywhere.
 `Engine` and its boundary types load lazily, so `from ffai_worker import Engine`
 still swaps the BLAS in before MLX loads.
 """
@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ffai_worker.blas import blas_info, preload_blas
+from ffai_worker.native.blas import blas_info, preload_blas
 
 preload_blas()
 
 if TYPE_CHECKING:
     from ffai_worker.engine import Engine, EngineConfig, StepFailed
-    from ffai_worker.engine_types import EngineLoad, RequestKey, StepOutput
+    from ffai_worker.engine.types import EngineLoad, RequestKey, StepOutput
 
 _LAZY = {
     "Engine": "ffai_worker.engine",
     "EngineConfig": "ffai_worker.engine",
     "StepFailed": "ffai_worker.engine",
-    "EngineLoad": "ffai_worker.engine_types",
-    "RequestKey": "ffai_worker.engine_types",
-    "StepOutput": "ffai_worker.engine_types",
+    "EngineLoad": "ffai_worker.engine.types",
+    "RequestKey": "ffai_worker.engine.types",
+    "StepOutput": "ffai_worker.engine.types",
 }
 
 __all__ = [

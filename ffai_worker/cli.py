@@ -16,7 +16,7 @@ import click
 
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.endpoints import ENDPOINT_ENV, default_endpoint, ipc_path
-from ffai_worker import service_install as si
+from ffai_worker.serving import service_install as si
 
 MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in tinystories-260k)."
 ENDPOINT_HELP = f"ZeroMQ endpoint to bind [default: ${ENDPOINT_ENV}, else {default_endpoint()}]"
@@ -28,10 +28,10 @@ LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], cas
 
 def _load_engine(model: str | None, dtype: str | None, revision: str | None, **config: Any) -> Any:
     """Load the engine, printing what runs (BLAS, dtype, notes) to stderr."""
-    from ffai_worker.blas import blas_info
-    from ffai_worker.builtin_model import BUILTIN_MODEL_DIR, BUILTIN_MODEL_NOTE
     from ffai_worker.engine import Engine, EngineConfig
-    from ffai_worker.loading import ModelLoadError
+    from ffai_worker.models.builtin import BUILTIN_MODEL_DIR, BUILTIN_MODEL_NOTE
+    from ffai_worker.models.loading import ModelLoadError
+    from ffai_worker.native.blas import blas_info
 
     if model is None:
         click.echo(f"ffai-worker: {BUILTIN_MODEL_NOTE}", err=True)
@@ -80,7 +80,7 @@ def _preflight_endpoint(endpoint: str) -> None:
     """Refuse an endpoint another worker serves before the model loads, not after."""
     try:
         if ipc_path(endpoint) is not None:
-            from ffai_worker.server import prepare_endpoint
+            from ffai_worker.serving.server import prepare_endpoint
 
             prepare_endpoint(endpoint)  # a safe 0700 directory; a stale socket file removed
         elif endpoint.startswith("tcp://"):
@@ -117,7 +117,7 @@ def _curve_server(secret: str | None, clients: str | None) -> Any:
     if secret is None:
         return None
     from ffai_client.curve import CurveKeyError
-    from ffai_worker.curve_auth import CurveServer
+    from ffai_worker.serving.curve_auth import CurveServer
 
     try:
         return CurveServer(secret, clients)
@@ -231,7 +231,7 @@ def serve(
     log_level: str,
 ) -> None:
     """Load a model and serve it on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
-    from ffai_worker.server import ServerConfig, Worker
+    from ffai_worker.serving.server import ServerConfig, Worker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     endpoint = endpoint or default_endpoint()
@@ -281,7 +281,7 @@ def serve(
 @click.option("--name", default="worker", show_default=True, help="Base name of the key files.")
 def keygen(directory: str, name: str) -> None:
     """Write a CurveZMQ key pair: NAME.key (public, share it) and NAME.key_secret (0600)."""
-    from ffai_worker.curve_auth import write_key_pair
+    from ffai_worker.serving.curve_auth import write_key_pair
 
     public, secret = write_key_pair(Path(directory), name)
     click.echo(f"public key: {public}  (give it to clients, or to a worker's --curve-clients)")

@@ -12,8 +12,8 @@ from conftest import TINYSTORIES, TOKENIZERS
 import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine, EngineConfig
-from ffai_worker.engine_types import RequestKey, StepOutput
-from ffai_worker.sequence import RequestRejected
+from ffai_worker.engine.sequence import RequestRejected
+from ffai_worker.engine.types import RequestKey, StepOutput
 
 GREEDY = GenerationParameters(temperature=0.0, max_tokens=48, stop_on_eos=False)
 

@@ -21,9 +21,14 @@ from transformers import PreTrainedTokenizerFast
 
 import ffai_worker  # noqa: F401 - first, before anything imports mlx
 from ffai_client.types import ChatMessage
-from ffai_worker import chat_template
-from ffai_worker.chat_template import ChatTemplateError, get_json_schema, render, select_template
-from ffai_worker.tokenizer import Tokenizer
+from ffai_worker.text import chat_template
+from ffai_worker.text.chat_template import (
+    ChatTemplateError,
+    get_json_schema,
+    render,
+    select_template,
+)
+from ffai_worker.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = SHARED / "models" / "tinystories-260k"

@@ -93,11 +93,11 @@ MLX_FREE_SCRIPT = textwrap.dedent(
     assert "ffai_worker" not in sys.modules
     # The blocker is live: the worker's engine, which needs mlx, cannot be imported.
     try:
-        import ffai_worker.engine
+        import ffai_worker.engine.core
     except ImportError as exc:
         assert "mlx is blocked" in str(exc), exc
     else:
-        raise AssertionError("the mlx blocker let ffai_worker.engine import")
+        raise AssertionError("the mlx blocker let ffai_worker.engine.core import")
     print(" ".join(sorted(names)))
     """
 )

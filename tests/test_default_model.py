@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, TINYSTORIES, WorkerProcess
 
 from ffai_client import ChatMessage, Client
-from ffai_worker.builtin_model import BUILTIN_MODEL_DIR
+from ffai_worker.models.builtin import BUILTIN_MODEL_DIR
 
 BIN = Path(sys.executable).parent
 PROMPT = "Once upon a time"

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ffai_worker  # noqa: F401  (preloads BLAS before anything imports mlx)
-from ffai_worker import tokenizer as tokenizer_module
-from ffai_worker.tokenizer import BYTE, CONTINUATION, StreamingDetokenizer, Tokenizer
+from ffai_worker.text import tokenizer as tokenizer_module
+from ffai_worker.text.tokenizer import BYTE, CONTINUATION, StreamingDetokenizer, Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FOLDERS = {

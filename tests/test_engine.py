@@ -12,8 +12,8 @@ from conftest import TINYSTORIES
 import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine, EngineConfig
-from ffai_worker.engine_types import RequestKey
-from ffai_worker.sequence import RequestRejected
+from ffai_worker.engine.sequence import RequestRejected
+from ffai_worker.engine.types import RequestKey
 
 KEY = RequestKey(b"test", "k")
 PROMPTS = ["Once upon a time", "Lily and Ben", "The cat"]

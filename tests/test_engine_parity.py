@@ -22,9 +22,9 @@ from conftest import TINYSTORIES
 
 import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
-from ffai_worker.decoder import BatchedDecoder
 from ffai_worker.engine import Engine, EngineConfig
-from ffai_worker.engine_types import RequestKey
+from ffai_worker.engine.decoder import BatchedDecoder
+from ffai_worker.engine.types import RequestKey
 
 N_TOKENS = 48
 GREEDY = GenerationParameters(temperature=0.0, max_tokens=N_TOKENS, stop_on_eos=False)

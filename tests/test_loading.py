@@ -27,8 +27,8 @@ from checkpoints import (
     load_reference,
 )
 
-from ffai_worker.loading import ModelLoadError, load_model, resolve_model_path
 from ffai_worker.models import SUPPORTED_MODEL_TYPES, llama, qwen3
+from ffai_worker.models.loading import ModelLoadError, load_model, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINYSTORIES = REPO.parent / "shared" / "models" / "tinystories-260k"
@@ -361,7 +361,7 @@ def test_small_gemm_kernel_sits_in_front_of_openblas() -> None:
 
 KERNEL_CHECK = """
 import ffai_worker
-from ffai_worker.blas import small_gemm_kernel
+from ffai_worker.native.blas import small_gemm_kernel
 import mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
 worst = 0.0

@@ -26,9 +26,9 @@ from checkpoints import (
     load_reference,
 )
 
-from ffai_worker.loading import load_model
 from ffai_worker.models.base import llama3_inv_freq, window_mask
 from ffai_worker.models.cache import KVCache
+from ffai_worker.models.loading import load_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = SHARED / "models" / "tinystories-260k"

@@ -24,7 +24,7 @@ import zmq
 from conftest import TINYSTORIES, TOKENIZERS, WorkerProcess
 
 from ffai_client import AsyncClient, ChatMessage, GenerationParameters, PromptTooLong, TemplateError
-from ffai_worker.tokenizer import Tokenizer
+from ffai_worker.text.tokenizer import Tokenizer
 
 BUDGET_S = 1.0  # EngineConfig.template_budget_s, the worker's default
 SLACK_S = 4.0  # a loaded 2-core machine: the point is "ends", not "ends fast"

@@ -14,7 +14,7 @@ import mlx.core as mx
 import pytest
 
 from ffai_client.types import GenerationParameters
-from ffai_worker.sampling import Sampler, TokenHistory, sample_batch
+from ffai_worker.engine.sampling import Sampler, TokenHistory, sample_batch
 
 INF = math.inf
 V6 = [2.0, -1.0, 0.5, 3.0, -2.0, 0.0]
@@ -346,7 +346,7 @@ def test_history_counts_match_a_recount() -> None:
 
 
 def test_sort_keys_order_values_descending_with_ties_by_id() -> None:
-    from ffai_worker.sampling import _descending_keys, _unpack
+    from ffai_worker.engine.sampling import _descending_keys, _unpack
 
     rng = random.Random(1)
     special = [0.0, -0.0, INF, -INF, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, 1.0, -1.0, -1.0]

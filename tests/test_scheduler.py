@@ -17,8 +17,7 @@ from conftest import TINYSTORIES
 
 import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client.types import GenerationParameters
-from ffai_worker.engine_types import RequestKey
-from ffai_worker.scheduler import (
+from ffai_worker.engine.scheduler import (
     Completion,
     PrefillChunk,
     Release,
@@ -26,8 +25,15 @@ from ffai_worker.scheduler import (
     SchedulerConfig,
     StepPlan,
 )
-from ffai_worker.sequence import EngineRequest, Phase, RequestRejected, Sequence, new_sequence
-from ffai_worker.tokenizer import Tokenizer
+from ffai_worker.engine.sequence import (
+    EngineRequest,
+    Phase,
+    RequestRejected,
+    Sequence,
+    new_sequence,
+)
+from ffai_worker.engine.types import RequestKey
+from ffai_worker.text.tokenizer import Tokenizer
 
 CONTEXT = 4096
 TOKEN = 300  # any id that is neither EOS nor a stop token
@@ -77,7 +83,7 @@ def chunks(plan: StepPlan) -> list[tuple[str, int, int]]:
 
 
 def test_the_scheduler_needs_no_mlx() -> None:
-    code = "import sys, ffai_worker.scheduler; sys.exit('mlx.core' in sys.modules)"
+    code = "import sys, ffai_worker.engine.scheduler; sys.exit('mlx.core' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

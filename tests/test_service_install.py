@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINYSTORIES
 
-from ffai_worker import service_install as si
+from ffai_worker.serving import service_install as si
 
 FFAI = str(Path(sys.executable).parent / "ffai")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -71,7 +71,7 @@ def test_deploy_templates_are_what_install_writes() -> None:
     for name, data in si.template_files().items():
         on_disk = (REPO / "deploy" / name).read_bytes()
         assert on_disk == data, (
-            f"deploy/{name} drifted: run `python -m ffai_worker.service_install`"
+            f"deploy/{name} drifted: run `python -m ffai_worker.serving.service_install`"
         )
 
 

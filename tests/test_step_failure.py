@@ -19,8 +19,8 @@ import ffai_worker  # noqa: F401 - BLAS first
 from ffai_client import AsyncClient, GenerationParameters
 from ffai_client.errors import InternalError
 from ffai_worker.engine import Engine, StepFailed
-from ffai_worker.engine_types import RequestKey
-from ffai_worker.server import ServerConfig, Worker
+from ffai_worker.engine.types import RequestKey
+from ffai_worker.serving.server import ServerConfig, Worker
 
 PARAMS = GenerationParameters(temperature=0.0, max_tokens=30, stop_on_eos=False)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import CHAT_TEMPLATES
 
-from ffai_worker.chat_template import ChatTemplateError, render
-from ffai_worker.template_budget import MAX_CALL_DEPTH, RenderBudget
+from ffai_worker.text.chat_template import ChatTemplateError, render
+from ffai_worker.text.template_budget import MAX_CALL_DEPTH, RenderBudget
 
 BUDGET = RenderBudget(time_s=0.5)
 SLACK_S = 3.0  # a shared, loaded CI machine; the point is "ends", not "ends fast"

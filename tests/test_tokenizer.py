@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import ffai_worker  # noqa: F401  (preloads BLAS before anything imports mlx)
-from ffai_worker.tokenizer import Tokenizer
+from ffai_worker.text.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINYSTORIES = SHARED / "models" / "tinystories-260k"

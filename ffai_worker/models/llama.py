@@ -3,14 +3,10 @@
 Attribute names follow the checkpoint keys (model.layers.N.self_attn.q_proj, ...),
 so weights load with no renaming table.
 
-Decode on the 2-core CPU is memory-bound (float32 Qwen2.5-0.5B shape: ~2 GB of
-weights read per token; one pass of matrix-vector products over all weights
-takes ~98 ms with OpenBLAS and a decode step ~108 ms = 9.2 tok/s, the same as
-mlx-lm on the same weights; the tied vocab projection alone is ~27 ms).
-Fusing q/k/v and gate/up into single matmuls was measured and did not help
-(p25 197 ms vs 180 ms unfused), so projections stay as in the checkpoint.
-What does help is `last_only=True` for prefill (256-token prompt: 2.15 s
-instead of 2.7 s, skipping 255 rows of the vocab projection).
+Decode on a CPU is memory-bound. Fusing q/k/v and gate/up into single matmuls
+was measured and did not help, so projections stay as in the checkpoint;
+`last_only=True` in prefill skips all but one row of the vocab projection
+(figures: benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

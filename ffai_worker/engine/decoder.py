@@ -2,17 +2,14 @@
 
 Why compiled: on the CPU backend a small model's decode is dominated by the
 per-op dispatch cost, not arithmetic. `mx.compile` fuses the elementwise ops
-(norms, SiLU gate, residuals, mask) into JIT-built kernels. Measured on
-tinystories-260k, 2-core x86 CPU, one sequence: eager 725 tok/s, compiled
-1190 tok/s (kernels are cached on disk, so only a worker's first-ever step per
-slot count pays the ~2 s build).
+(norms, SiLU gate, residuals, mask) into JIT-built kernels, cached on disk
+(figures: benchmarks/NOTES.md).
 
 Why attention spans the longest row rounded up (to 32 positions, or 1/16 of
 the width for long rows): attention is the part of a batched CPU decode that
-grows with batch size and length (tinystories, 16 rows: 2.0 ms/step attending
-256 positions, 4.7 ms attending 512), so it must not cover the whole allocated
+grows with batch size and length, so it must not cover the whole allocated
 cache; rounding keeps one trace valid for many steps (a new width costs a
-retrace of about 5 ms; its kernels come from the on-disk cache), and the
+retrace; its kernels come from the on-disk cache), and the
 geometric granularity bounds the traces kept to about a hundred for a 32k
 context. The mask hides each row's positions past its own length.
 
@@ -32,7 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ffai_worker.kv_cache import SlotCache
+from ffai_worker.engine.kv_cache import SlotCache
 
 log = logging.getLogger("ffai_worker")
 

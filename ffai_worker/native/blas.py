@@ -8,7 +8,7 @@ on the 2-core dev machine (float32): (512, 896) @ (896, 4864) takes 24.7 ms
 instead of 2085 ms (~85x), and a (1, 896) decode-sized product 1.3 ms instead
 of 4.3 ms.
 
-When a system BLAS is chosen, `ffai_worker.small_gemm`'s decode-step kernel is
+When a system BLAS is chosen, `ffai_worker.native.small_gemm`'s decode-step kernel is
 loaded in front of it (see that module; `FFAI_SMALL_GEMM=0` turns it off).
 
 `FFAI_BLAS` chooses: unset or "auto" = a system OpenBLAS if one is found,
@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffai_worker import small_gemm
+from ffai_worker.native import small_gemm
 
 ENV_VAR = "FFAI_BLAS"
 _OFF = {"off", "reference", "none", "0", "false", "no"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BUILTIN_MODEL_NAME = "tinystories-260k"
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 BUILTIN_MODEL_NOTE = (
     f"no --model: using the built-in model {BUILTIN_MODEL_NAME} (Karpathy's stories260K, "
     "MIT licence: it writes short children's stories); --model <folder or hub id> picks another."

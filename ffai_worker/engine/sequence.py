@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ffai_client.types import GenerationChunk, GenerationParameters, GenerationStats
-from ffai_worker.engine_types import RequestKey
-from ffai_worker.timings import Timings
+from ffai_worker.engine.timings import Timings
+from ffai_worker.engine.types import RequestKey
 
 if TYPE_CHECKING:
-    from ffai_worker.sampling import Sampler, TokenHistory
-    from ffai_worker.tokenizer import StreamingDetokenizer, Tokenizer
+    from ffai_worker.engine.sampling import Sampler, TokenHistory
+    from ffai_worker.text.tokenizer import StreamingDetokenizer, Tokenizer
 
 
 class RequestRejected(Exception):
@@ -166,8 +166,8 @@ def new_sequence(
     request: EngineRequest, tokenizer: Tokenizer, *, default_temperature: float
 ) -> Sequence:
     """A request's sequence: its sampler, token history, detokenizer and stop ids."""
-    from ffai_worker.sampling import Sampler, TokenHistory
-    from ffai_worker.tokenizer import StreamingDetokenizer
+    from ffai_worker.engine.sampling import Sampler, TokenHistory
+    from ffai_worker.text.tokenizer import StreamingDetokenizer
 
     params = request.params
     stop_ids = set(params.stop_token_ids)

@@ -30,7 +30,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ffai_client.types import ChatMessage
-from ffai_worker.template_budget import (
+from ffai_worker.text.template_budget import (
     BudgetedSandbox,
     RenderBudget,
     budgeted_filter,

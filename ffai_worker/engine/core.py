@@ -27,14 +27,14 @@ from ffai_client.types import (
     GenerationResult,
     check_prompt_input,
 )
-from ffai_worker.engine_types import LOCAL_CLIENT, EngineLoad, RequestKey, StepOutput
-from ffai_worker.kv_cache import SlotCache
-from ffai_worker.loading import LoadedModelInfo, load_model, resolve_model_path
-from ffai_worker.runner import ModelRunner
-from ffai_worker.scheduler import Completion, Scheduler, SchedulerConfig, StepPlan
-from ffai_worker.sequence import EngineRequest, Phase, RequestRejected, new_sequence
-from ffai_worker.timings import Footprint
-from ffai_worker.tokenizer import Tokenizer
+from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.engine.runner import ModelRunner
+from ffai_worker.engine.scheduler import Completion, Scheduler, SchedulerConfig, StepPlan
+from ffai_worker.engine.sequence import EngineRequest, Phase, RequestRejected, new_sequence
+from ffai_worker.engine.timings import Footprint
+from ffai_worker.engine.types import LOCAL_CLIENT, EngineLoad, RequestKey, StepOutput
+from ffai_worker.models.loading import LoadedModelInfo, load_model, resolve_model_path
+from ffai_worker.text.tokenizer import Tokenizer
 
 DEFAULT_TEMPERATURE = 0.6
 
@@ -329,7 +329,7 @@ class Engine:
         Scanning a large vocabulary for its longest token takes ~0.3 s; compiling a
         chat template calls Python's compile(), which holds the GIL throughout.
         """
-        from ffai_worker.chat_template import precompile
+        from ffai_worker.text.chat_template import precompile
 
         _ = self.tokenizer.max_token_bytes
         for source in self.tokenizer.chat_templates.values():
@@ -349,8 +349,8 @@ class Engine:
         options: ChatTemplateOptions | None = None,
     ) -> tuple[str, list[int]]:
         """Render messages through the model's chat template; return text and ids."""
-        from ffai_worker.chat_template import ChatTemplateError, render, select_template
-        from ffai_worker.template_budget import RenderBudget
+        from ffai_worker.text.chat_template import ChatTemplateError, render, select_template
+        from ffai_worker.text.template_budget import RenderBudget
 
         opts = options or ChatTemplateOptions()
         tok = self.tokenizer
@@ -388,7 +388,7 @@ class Engine:
 
     def info(self) -> dict[str, Any]:
         """What `info` reports: the model, limits and current load."""
-        from ffai_worker.blas import blas_info
+        from ffai_worker.native.blas import blas_info
 
         mi = self.model_info
         load = self.workload()

@@ -3,7 +3,7 @@
 The unit starts *this* interpreter (`sys.executable -m ffai_worker.cli serve …`), so it
 runs the same installation, virtual environment included, that installed it. The
 templates in `deploy/` are rendered by the same functions with placeholder paths
-(`python -m ffai_worker.service_install deploy` rewrites them; a test compares).
+(`python -m ffai_worker.serving.service_install deploy` rewrites them; a test compares).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def template_files() -> dict[str, bytes]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # `python -m ffai_worker.service_install deploy` rewrites the templates there.
+    # `python -m ffai_worker.serving.service_install deploy` rewrites the templates there.
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "deploy")
     for name, data in template_files().items():
         (folder / name).write_bytes(data)

@@ -14,12 +14,12 @@ from typing import Any, cast
 
 import mlx.core as mx
 
-from ffai_worker.decoder import BatchedDecoder
-from ffai_worker.kv_cache import SlotCache
-from ffai_worker.prefill import prefill_group_logits
-from ffai_worker.sampling import sample_batch
-from ffai_worker.scheduler import PrefillChunk, Release, StepPlan
-from ffai_worker.sequence import Sequence
+from ffai_worker.engine.decoder import BatchedDecoder
+from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.engine.prefill import prefill_group_logits
+from ffai_worker.engine.sampling import sample_batch
+from ffai_worker.engine.scheduler import PrefillChunk, Release, StepPlan
+from ffai_worker.engine.sequence import Sequence
 
 # A launched decode whose tokens are not read back yet: the rows it decoded, its tokens.
 Inflight = tuple[tuple[Sequence, ...], mx.array]

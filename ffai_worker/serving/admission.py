@@ -11,8 +11,8 @@ Only the actor thread touches MLX: the threads run tokenizers and jinja2 only,
 and the actor admits each prepared request (`engine.submit`) itself.
 
 Tokenizing holds no lock other threads wait for: long texts go through
-`encode_batch`, which releases the GIL (measured: a 1 MB prompt kept a 1 ms
-ticker thread waiting 0.5-1.0 s with `encode`, 17-35 ms with `encode_batch`).
+`encode_batch`, which releases the GIL, where `encode` holds it for the whole
+call (figures: benchmarks/NOTES.md).
 A template render is Python: it shares the GIL with the actor, which gets it
 back at least every 5 ms (the interpreter's switch interval) and releases it in
 MLX kernels, so streams slow down a little during a hostile render but flow.

@@ -2,7 +2,7 @@
 
 Why: on a memory-bound CPU a forward pass costs about one read of all the
 weights whatever its row count, so prefilling N new prompts one by one costs N
-weight reads where one suffices (Qwen2.5-0.5B shape: ~150 ms per read). Only
+weight reads where one suffices. Only
 prompts that start at position 0 and fit the step's budget whole are grouped;
 longer ones keep the chunked single-sequence path.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ffai_worker.kv_cache import SlotCache
+from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.models.contract import CausalLM
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ffai_worker.engine_types import EngineLoad, RequestKey
-from ffai_worker.sequence import Phase, RequestRejected, Sequence
+from ffai_worker.engine.sequence import Phase, RequestRejected, Sequence
+from ffai_worker.engine.types import EngineLoad, RequestKey
 
 
 @dataclass(frozen=True)

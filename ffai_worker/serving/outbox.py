@@ -22,7 +22,7 @@ import zmq
 
 from ffai_client import protocol as p
 from ffai_client.types import GenerationChunk
-from ffai_worker.engine_types import RequestKey
+from ffai_worker.engine.types import RequestKey
 
 log = logging.getLogger("ffai_worker")
 
@@ -35,10 +35,9 @@ MAX_QUEUED_REPLY_BYTES = 64 << 20
 # at most one frame per AUTO_PACE_PER_STREAM_S x streams, up to AUTO_PACE_MAX_S
 # (tokens in between are coalesced; first and final frames are never held), so
 # all clients together wake about 200 times a second however many there are.
-# Every frame costs its client process a wake-up (~60 us of Python, more on a
-# slow machine); with 16 clients on a 2-core machine that was a third of the CPU
-# the batched step needed (tinystories: 3.6k tok/s served vs 5.4k in-process).
-# 20-50 ms is below what a reader notices.
+# Every frame costs its client process a wake-up, which with many clients on a
+# small machine adds up to a large share of the CPU the batched step needs
+# (figures: benchmarks/NOTES.md); 20-50 ms is below what a reader notices.
 AUTO_PACE_BATCH = 4
 AUTO_PACE_PER_STREAM_S = 0.005
 AUTO_PACE_MAX_S = 0.050

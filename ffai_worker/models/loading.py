@@ -3,10 +3,8 @@
 Dtype policy (`load_model(dtype=None, dequantize=None)`), "fastest on this device":
 - GPU (Metal, CUDA): keep the checkpoint's float dtype and keep quantized weights.
 - CPU: float32, and quantized checkpoints are dequantized at load when the
-  float32 weights fit in available memory. Measured on the 2-core dev machine
-  (Qwen2.5-0.5B shape, decode, OpenBLAS): float32 5.7 tok/s, bfloat16 2.2,
-  float16 1.0, 4-bit 2.0, 8-bit 2.0 -- MLX's CPU backend sends only float32
-  matmuls to BLAS.
+  float32 weights fit in available memory: MLX's CPU backend sends only
+  float32 matmuls to BLAS (figures: benchmarks/NOTES.md).
 An explicit `dtype` ("float32", "float16", "bfloat16") sets the float dtype of
 every non-quantized parameter (and of dequantized weights); quantized weights
 are then dequantized automatically only when that dtype is float32 on CPU.

@@ -32,12 +32,12 @@ import zmq
 from ffai_client import protocol as p
 from ffai_client.endpoints import check_socket_dir, check_socket_file, ipc_path, runtime_dir
 from ffai_client.errors import UnsafeEndpoint
-from ffai_worker.admission import INLINE_TEXT_CHARS, INLINE_TOKENS, Preparer
-from ffai_worker.curve_auth import CurveServer
 from ffai_worker.engine import Engine, StepFailed
-from ffai_worker.engine_types import RequestKey, StepOutput
-from ffai_worker.outbox import Outbox
-from ffai_worker.sequence import EngineRequest, RequestRejected
+from ffai_worker.engine.sequence import EngineRequest, RequestRejected
+from ffai_worker.engine.types import RequestKey, StepOutput
+from ffai_worker.serving.admission import INLINE_TEXT_CHARS, INLINE_TOKENS, Preparer
+from ffai_worker.serving.curve_auth import CurveServer
+from ffai_worker.serving.outbox import Outbox
 
 log = logging.getLogger("ffai_worker")
 

@@ -1,0 +1,1 @@
+"""The serving process: the ZeroMQ actor, its outbox and admission threads, CurveZMQ, services."""

@@ -1,0 +1,1 @@
+"""Text handling: the tokenizer and streaming detokenizer, chat templates and their work budget."""
