@@ -215,6 +215,15 @@ class InfoReply(_Message):
     # seconds the worker's actor thread spent outside engine steps.
     frames_sent: int | None = None
     service_cpu_s: float | None = None
+    # Prefix cache (optional, additive): its bound and what it holds, in bytes of KV
+    # and token runs, and counters since start.
+    prompt_cache_capacity_bytes: int | None = None
+    prompt_cache_bytes: int | None = None
+    prompt_cache_entries: int | None = None
+    prompt_cache_hits: int | None = None
+    prompt_cache_hit_tokens: int | None = None
+    prompt_cache_misses: int | None = None
+    prompt_cache_evictions: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,6 +28,7 @@ from ffai_client.types import (
     check_prompt_input,
 )
 from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.engine.prefix_cache import PrefixCache
 from ffai_worker.engine.runner import ModelRunner
 from ffai_worker.engine.scheduler import Completion, Scheduler, SchedulerConfig, StepPlan
 from ffai_worker.engine.sequence import EngineRequest, Phase, RequestRejected, new_sequence
@@ -47,6 +48,8 @@ class EngineConfig:
     max_tokens_limit: int | None = None  # cap on a request's max_tokens
     max_prompt_tokens: int | None = None  # cap below the context length
     template_budget_s: float = 1.0  # wall time one chat-template render may take
+    # Bytes of KV the prefix cache may hold; None: default_prompt_cache_bytes(); 0: off.
+    prompt_cache_bytes: int | None = None
 
 
 class StepFailed(RuntimeError):
@@ -84,14 +87,21 @@ class Engine:
             _model_dtype(model),
             max_slots=self.config.max_batch,
         )
+        cache_bytes = self.config.prompt_cache_bytes
+        if cache_bytes is None:
+            cache_bytes = default_prompt_cache_bytes()
+        self.prefix = PrefixCache(cache_bytes, self.cache.bytes_per_token)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch=self.config.max_batch,
                 max_queue=self.config.max_queue,
                 prefill_step_size=self.config.prefill_step_size,
-            )
+            ),
+            self.prefix,
         )
-        self.runner = ModelRunner(model, self.cache, context_length=self.context_length)
+        self.runner = ModelRunner(
+            model, self.cache, context_length=self.context_length, prefix=self.prefix
+        )
         self._local_ids = itertools.count()
         self._local: dict[RequestKey, deque[GenerationChunk]] = {}  # in-process streams' chunks
 
@@ -121,6 +131,7 @@ class Engine:
         options: ChatTemplateOptions | None = None,
         parameters: GenerationParameters | None = None,
         add_special_tokens: bool = True,
+        warm: bool = False,
     ) -> EngineRequest:
         """Validate and tokenize one request; raises RequestRejected with a protocol code."""
         params = parameters or GenerationParameters()
@@ -137,7 +148,7 @@ class Engine:
             assert messages is not None
             ids = self.render(messages, options)[1]
         self._check_limits(ids, params)
-        return EngineRequest(key=key, prompt_ids=ids, params=params)
+        return EngineRequest(key=key, prompt_ids=ids, params=params, warm=warm)
 
     def _checked_tokens(self, tokens: Seq[int]) -> list[int]:
         vocab = self.tokenizer.vocab_size
@@ -239,7 +250,9 @@ class Engine:
             )
             for seq in ended:
                 t = seq.timings
-                stats = t.stats(len(seq.prompt_ids), len(seq.generated), seq.position, footprint)
+                stats = t.stats(
+                    len(seq.prompt_ids), len(seq.generated), seq.position, footprint, seq.cached
+                )
                 seq.outbox.append(seq.final_chunk(stats))
         outputs = []
         for seq in (*plan.ended, *plan.running):
@@ -265,10 +278,12 @@ class Engine:
         parameters: GenerationParameters | None = None,
         options: ChatTemplateOptions | None = None,
         add_special_tokens: bool = True,
+        warm: bool = False,
     ) -> Iterator[GenerationChunk]:
         """Stream chunks for one request, stepping the shared loop as needed.
 
         Closing the iterator early cancels the request at the next token boundary.
+        `warm`: prefill only, leaving the prompt's KV in the prefix cache (one final chunk).
         """
         key = RequestKey(LOCAL_CLIENT, str(next(self._local_ids)))
         request = self.new_request(
@@ -279,6 +294,7 @@ class Engine:
             options=options,
             parameters=parameters,
             add_special_tokens=add_special_tokens,
+            warm=warm,
         )
         self.submit(request)
         inbox = self._local[key] = deque()
@@ -403,7 +419,30 @@ class Engine:
             "waiting": load.waiting,
             "kv_cache_bytes": self.cache.allocated_bytes,
             "blas": blas_info(),
+            **self.prefix.info(),
         }
+
+
+DEFAULT_CACHE_SHARE = 8  # the prefix cache may hold 1/8 of the machine's memory
+DEFAULT_CACHE_CAP = 8 << 30  # and at most 8 GiB
+
+
+def default_prompt_cache_bytes() -> int:
+    """The prefix cache's default bound: 1/8 of physical (or Metal) memory, at most 8 GiB."""
+    import os
+
+    total = 0
+    try:
+        if mx.metal.is_available():
+            total = int(mx.metal.device_info()["memory_size"])
+    except Exception:  # an MLX build without Metal
+        total = 0
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 8 << 30
+    return min(total // DEFAULT_CACHE_SHARE, DEFAULT_CACHE_CAP)
 
 
 def _content_text(message: ChatMessage | dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ sequence is running, so an idle worker holds no KV memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -128,6 +129,25 @@ class SlotCache:
         self.keys, self.values = [], []
         self._slots = self._capacity = 0
 
+    # -- prefix cache copies -------------------------------------------------
+    def take(self, slot: int, start: int, end: int) -> KVSegment:
+        """A copy of positions [start, end) of `slot`, all layers (for the prefix cache)."""
+        keys = mx.contiguous(mx.stack([k[slot, :, start:end, :] for k in self.keys]))
+        values = mx.contiguous(mx.stack([v[slot, :, start:end, :] for v in self.values]))
+        return KVSegment(keys, values)
+
+    def put(self, slot: int, parts: Sequence[tuple[Any, int]]) -> int:
+        """Write the first `used` positions of each KVSegment, in order, from position 0."""
+        total = sum(used for _, used in parts)
+        self.ensure_capacity(total)
+        for layer in range(self.num_layers):
+            for store, pick in ((self.keys, _keys), (self.values, _values)):
+                runs = [pick(seg)[layer, :, :used, :] for seg, used in parts]
+                run = runs[0] if len(runs) == 1 else mx.concatenate(runs, axis=1)
+                store[layer][slot, :, :total, :] = run
+        self.lengths[slot] = total
+        return total
+
     # -- views handed to the model ------------------------------------------
     def prefill_views(self, slot: int, start: int, length: int) -> list[PrefillView]:
         """Per-layer caches for writing tokens [start, start+length) of one slot."""
@@ -169,3 +189,39 @@ class PrefillView:
             c.keys[self.layer][s : s + 1, :, :end, :],  # (1, n_kv, end, D)
             c.values[self.layer][s : s + 1, :, :end, :],
         )
+
+
+class KVSegment:
+    """Keys and values of consecutive positions for every layer: (layers, n_kv, n, D) each.
+
+    Always its own memory (never a view of the slot buffers or of a bigger segment),
+    so its bytes are exactly what the prefix cache counts.
+    """
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values = keys, values
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+    def split(self, at: int) -> tuple[KVSegment, KVSegment]:
+        k, v = self.keys, self.values
+        head = KVSegment(mx.contiguous(k[:, :, :at, :]), mx.contiguous(v[:, :, :at, :]))
+        tail = KVSegment(mx.contiguous(k[:, :, at:, :]), mx.contiguous(v[:, :, at:, :]))
+        mx.eval(head.keys, head.values, tail.keys, tail.values)
+        return head, tail
+
+
+def _keys(seg: KVSegment) -> mx.array:
+    return seg.keys
+
+
+def _values(seg: KVSegment) -> mx.array:
+    return seg.values

@@ -5,6 +5,11 @@ prompts, prompt chunks, the pipelined batched decode and sampling, memory
 readings, and the KV slots (acquired on admission, compacted on release, as the
 scheduler's plan and completion say). Sampled tokens go to their sequences
 (`Sequence.accept`), which stream text and decide when to stop.
+
+Prefix cache: it copies each admitted sequence's planned hit into its slot,
+and remembers KV for later requests: a prompt once prefilled (so requests
+running together share a system prompt), and everything a sequence's slot
+holds when it leaves (prompt and reply; a cancelled prompt's prefilled part).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import mlx.core as mx
 from ffai_worker.engine.decoder import BatchedDecoder
 from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.prefill import prefill_group_logits
+from ffai_worker.engine.prefix_cache import PrefixCache
 from ffai_worker.engine.sampling import sample_batch
 from ffai_worker.engine.scheduler import PrefillChunk, Release, StepPlan
 from ffai_worker.engine.sequence import Sequence
@@ -26,9 +32,17 @@ Inflight = tuple[tuple[Sequence, ...], mx.array]
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: SlotCache, *, context_length: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cache: SlotCache,
+        *,
+        context_length: int,
+        prefix: PrefixCache | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
+        self.prefix = prefix
         self.context_length = context_length
         self.decoder = BatchedDecoder(model, cache)
         self.steps = 0  # forward steps taken (tests observe progress by it)
@@ -45,6 +59,8 @@ class ModelRunner:
         for seq in plan.admitted:
             slot = self.cache.acquire()
             assert slot == seq.slot, (slot, seq.slot)
+            if seq.prefix_hit is not None:
+                self._copy_hit(seq, slot)
         if not plan.running:
             return
         mx.reset_peak_memory()
@@ -60,6 +76,7 @@ class ModelRunner:
         """Free the finished sequences' slots, compacting as the scheduler did."""
         for release in releases:
             release.seq.timings.kv_capacity = self.cache.capacity
+            self._remember(release.seq, release.slot)
             moved = self.cache.release(release.slot)
             assert moved == release.moved, (moved, release.moved)
         if not running:
@@ -69,6 +86,37 @@ class ModelRunner:
         """Forget all state after a failed step: nothing in flight, every slot free."""
         self._inflight = None
         self.cache.reset()
+        if self.prefix is not None:
+            self.prefix.clear()  # what a failed step wrote cannot be trusted
+
+    # -- prefix cache --------------------------------------------------------
+    def _copy_hit(self, seq: Sequence, slot: int) -> None:
+        """Copy the planned cached prefix into the fresh slot; prefill starts after it."""
+        hit, seq.prefix_hit = seq.prefix_hit, None
+        assert hit is not None
+        seq.timings.prefill_started = t0 = time.perf_counter()
+        self.cache.put(slot, hit.parts)
+        mx.eval(self.cache.keys, self.cache.values)
+        seq.timings.prefill_busy_s += time.perf_counter() - t0
+
+    def _remember(self, seq: Sequence, slot: int, length: int | None = None) -> None:
+        """Offer the first `length` tokens (default: all the slot holds) to the prefix cache."""
+        if self.prefix is None or not self.prefix.enabled:
+            return
+        tokens = seq.stored_tokens
+        # Positions past the tokens, if any, hold a token fed after a cancel: not the sequence's.
+        stored = min(self.cache.lengths[slot], len(tokens))
+        if length is not None:
+            stored = min(stored, length)
+        taken = []
+
+        def take(start: int, end: int) -> Any:
+            taken.append(segment := self.cache.take(slot, start, end))
+            return segment
+
+        self.prefix.insert(tokens[:stored], take)
+        if taken:
+            mx.eval(*[(s.keys, s.values) for s in taken])
 
     # -- prefill -------------------------------------------------------------
     def _prefill_group(self, group: tuple[Sequence, ...]) -> None:
@@ -86,6 +134,7 @@ class ModelRunner:
             seq.timings.prefill_busy_s += now - t0
             seq.accept(token, now, self.context_length)
             seq.timings.post_prefill_memory = memory
+            self._remember(seq, _slot(seq), len(seq.prompt_ids))
 
     def _prefill_chunk(self, chunk: PrefillChunk) -> None:
         """Run one chunk of a prompt; sample the first token after the last chunk."""
@@ -95,11 +144,14 @@ class ModelRunner:
             seq.timings.prefill_started = t0
         views = self.cache.prefill_views(_slot(seq), start, size)
         inputs = mx.array([seq.prompt_ids[start : start + size]], dtype=mx.int32)  # (1, L)
-        if not chunk.completes:
-            # Only the cache matters for a middle chunk: the logits are never computed.
+        if not chunk.completes or seq.warm:
+            # Only the cache matters for a middle chunk (or a warm-up): no logits.
             self.model(inputs, cache=views)
             mx.eval(self.cache.keys, self.cache.values)
-            seq.timings.prefill_busy_s += time.perf_counter() - t0
+            now = time.perf_counter()
+            seq.timings.prefill_busy_s += now - t0
+            if chunk.completes:
+                seq.finish_warm(now)  # its KV is remembered as its slot is released
             return
         logits = self._last_logits(inputs, views)  # (1, V)
         token = sample_batch([seq.sampler], logits, [seq.history])
@@ -108,6 +160,7 @@ class ModelRunner:
         seq.timings.prefill_busy_s += now - t0
         seq.accept(_ints(token)[0], now, self.context_length)
         seq.timings.post_prefill_memory = mx.get_active_memory()
+        self._remember(seq, _slot(seq), len(seq.prompt_ids))
 
     def _last_logits(self, inputs: mx.array, views: list[Any]) -> mx.array:
         # Project only the last position: the LM head over a whole chunk is wasted work.

@@ -13,6 +13,12 @@ queue (overflow → `busy`); every step, fresh prompts that fit the prefill toke
 budget whole are prefilled together, the rest of the budget goes to prompt
 chunks in slot order, and every running sequence past prefill decodes one token,
 so a long prompt never freezes running streams.
+
+Prefix cache: at admission the scheduler looks the prompt up in the prefix
+cache (prefix_cache.py, no model either) and plans the hit: the sequence's
+first `cached` prompt tokens are copied into its slot by the runner, and its
+prefill chunks start after them. The last prompt token is always prefilled,
+since its logits give the first sampled token.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from ffai_worker.engine.prefix_cache import PrefixCache
 from ffai_worker.engine.sequence import Phase, RequestRejected, Sequence
 from ffai_worker.engine.types import EngineLoad, RequestKey
 
@@ -50,7 +57,9 @@ class StepPlan:
     """What one step does, decided before any model work."""
 
     ended: tuple[Sequence, ...]  # waiting sequences cancelled before they ran (no slot)
-    admitted: tuple[Sequence, ...]  # took the KV slot `seq.slot` this step, in order
+    # Took the KV slot `seq.slot` this step, in order; those with a `prefix_hit` get
+    # its `cached` tokens copied into the slot before any prefill.
+    admitted: tuple[Sequence, ...]
     running: tuple[Sequence, ...]  # every sequence holding a slot, in slot order
     group: tuple[Sequence, ...]  # two or more whole fresh prompts, prefilled in one forward
     chunks: tuple[PrefillChunk, ...]  # prompt chunks, after the group
@@ -77,8 +86,9 @@ class Completion:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, prefix: PrefixCache | None = None) -> None:
         self.config = config
+        self.prefix = prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == KV slot
         self._by_key: dict[RequestKey, Sequence] = {}
@@ -133,7 +143,9 @@ class Scheduler:
         if self.running:
             group, chunks = self._plan_prefill()
         decode = tuple(
-            s for s in self.running if s.phase is Phase.DECODE and s.finish_reason is None
+            s
+            for s in self.running
+            if s.phase is Phase.DECODE and s.finish_reason is None and not s.warm
         )
         return StepPlan(ended, admitted, tuple(self.running), group, chunks, decode)
 
@@ -156,7 +168,16 @@ class Scheduler:
             seq.phase = Phase.PREFILL
             self.running.append(seq)
             admitted.append(seq)
+            self._plan_hit(seq)
         return tuple(admitted)
+
+    def _plan_hit(self, seq: Sequence) -> None:
+        if self.prefix is None:
+            return
+        hit = self.prefix.match(seq.prompt_ids, len(seq.prompt_ids) - 1)
+        if hit is not None:
+            seq.prefix_hit = hit
+            seq.cached = seq.prefilled = hit.length
 
     def _plan_prefill(self) -> tuple[tuple[Sequence, ...], tuple[PrefillChunk, ...]]:
         budget = self.config.prefill_step_size
@@ -193,8 +214,8 @@ class Scheduler:
         for seq in self.running:
             if seq.phase is not Phase.PREFILL or seq.finish_reason is not None:
                 continue
-            if seq.prefilled or seq.params.prefill_step_size is not None:
-                continue
+            if seq.prefilled or seq.warm or seq.params.prefill_step_size is not None:
+                continue  # a hit, a warm-up (no logits) or a caller's chunking: the chunk path
             width = max(longest, len(seq.prompt_ids))
             if width * (len(group) + 1) > budget:  # padded rows cost work too
                 break

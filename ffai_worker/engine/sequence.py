@@ -12,6 +12,7 @@ from ffai_worker.engine.timings import Timings
 from ffai_worker.engine.types import RequestKey
 
 if TYPE_CHECKING:
+    from ffai_worker.engine.prefix_cache import PrefixHit
     from ffai_worker.engine.sampling import Sampler, TokenHistory
     from ffai_worker.text.tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -32,6 +33,7 @@ class EngineRequest:
     key: RequestKey  # unique among live requests
     prompt_ids: list[int]
     params: GenerationParameters
+    warm: bool = False  # prefill only: no token, the prompt's KV stays in the prefix cache
 
 
 class Phase(enum.Enum):
@@ -98,6 +100,9 @@ class Sequence:
         self.generated: list[int] = []
         self.phase = Phase.WAITING
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.warm = request.warm
+        self.cached = 0  # prompt tokens copied from the prefix cache, not prefilled
+        self.prefix_hit: PrefixHit | None = None  # planned at admission, copied by the runner
         self.slot: int | None = None
         self.cancel_requested = False
         self.finish_reason: str | None = None
@@ -144,6 +149,16 @@ class Sequence:
         if tail:
             self._emit(tail, [])
         self.finish_reason = "cancelled"
+
+    def finish_warm(self, now: float) -> None:
+        """A prefill-only request ends once its prompt is in the cache: no token, `length`."""
+        self.timings.first_token = self.timings.last_token = now
+        self.finish_reason = "length"
+
+    @property
+    def stored_tokens(self) -> list[int]:
+        """The tokens whose KV the slot holds, in order: the prompt, then those generated."""
+        return self.prompt_ids + self.generated
 
     def take_chunks(self) -> tuple[GenerationChunk, ...]:
         """The chunks produced since the last call, oldest first."""

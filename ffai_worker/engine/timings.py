@@ -56,7 +56,12 @@ class Timings:
         return self.first_token is None or self.last_token == self.first_token
 
     def stats(
-        self, prompt_tokens: int, generated_tokens: int, position: int, footprint: Footprint
+        self,
+        prompt_tokens: int,
+        generated_tokens: int,
+        position: int,
+        footprint: Footprint,
+        cached_prompt_tokens: int = 0,
     ) -> GenerationStats:
         now = time.perf_counter()
         prefill_start = self.prefill_started if self.prefill_started is not None else now
@@ -87,6 +92,6 @@ class Timings:
             weights_bytes=footprint.weights_bytes,
             kv_cache_allocated_bytes=self.kv_capacity * bpt,
             kv_cache_used_bytes=(position if self.kv_capacity else 0) * bpt,
-            cached_prompt_tokens=0,
+            cached_prompt_tokens=cached_prompt_tokens,
             max_batch_size=self.max_batch,
         )
