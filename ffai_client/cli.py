@@ -123,16 +123,21 @@ def main() -> None:
 @timeout_option
 @sampling_options
 @click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
+@click.option(
+    "--warm",
+    is_flag=True,
+    help="Prefill only: put the prompt in the worker's prefix cache, generate nothing.",
+)
 @click.argument("prompt")
 def generate(
-    endpoint: str | None, timeout: float, stats: bool, prompt: str, **options: Any
+    endpoint: str | None, timeout: float, stats: bool, warm: bool, prompt: str, **options: Any
 ) -> None:
     """Stream a generation to stdout (Ctrl-C cancels it cleanly)."""
     params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
     out = TextOut()
 
     async def stream(client: AsyncClient) -> GenerationChunk | None:
-        async with client.generate_stream(prompt, parameters=params) as chunks:
+        async with client.generate_stream(prompt, parameters=params, warm=warm) as chunks:
             async for chunk in chunks:
                 out.write(chunk.text)
         return chunks.final
@@ -143,7 +148,15 @@ def generate(
         # asyncio.run cancelled the task, which sent the cancel to the worker.
         click.echo("\nffai: cancelled", err=True)
         sys.exit(130)
-    sys.stdout.write("\n")
+    if warm and final is not None and final.stats is not None:
+        s = final.stats
+        click.echo(
+            f"ffai: warmed {s.prompt_tokens} prompt tokens ({s.cached_prompt_tokens} were"
+            f" cached) in {s.time_to_first_token_ms:.0f} ms",
+            err=True,
+        )
+    else:
+        sys.stdout.write("\n")
     if stats and final is not None and final.stats is not None:
         click.echo(final.stats.formatted(), err=True)
 

@@ -23,6 +23,7 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -399,6 +400,7 @@ class AsyncClient:
         add_special_tokens: bool = True,
         request_id: str | None = None,
         request_timeout: float | None = None,
+        warm: bool = False,
     ) -> GenerationStream:
         """Stream a generation: `async for chunk in client.generate_stream(...)`.
 
@@ -406,9 +408,13 @@ class AsyncClient:
         template with `options`) or `tokens`, else ValueError. Also an async
         context manager. Breaking out, `aclose()`, leaving the `async with`, or
         cancelling the task sends a cancel to the worker. `request_timeout`
-        overrides the client's limit on this stream's silence.
+        overrides the client's limit on this stream's silence. `warm`: prefill
+        only, so a later request sharing the prompt starts from the worker's
+        prefix cache (one final chunk with stats, no tokens).
         """
         self._check_open()
+        if warm:  # an older worker ignores `warm`: then it generates one token at most
+            parameters = replace(parameters or GenerationParameters(), max_tokens=1)
         # Generate checks its own rules (one of prompt/tokens/messages, the id): ValueError.
         msg = p.Generate(
             id=self._next_request_id() if request_id is None else request_id,
@@ -418,6 +424,7 @@ class AsyncClient:
             params=parameters or GenerationParameters(),
             options=options,
             add_special_tokens=add_special_tokens,
+            warm=warm,
         )
         return GenerationStream(self, msg, request_timeout)
 
@@ -432,6 +439,7 @@ class AsyncClient:
         add_special_tokens: bool = True,
         request_id: str | None = None,
         request_timeout: float | None = None,
+        warm: bool = False,
     ) -> GenerationResult:
         """Run a generation to the end and collect it (a collector over generate_stream)."""
         texts: list[str] = []
@@ -446,6 +454,7 @@ class AsyncClient:
             add_special_tokens=add_special_tokens,
             request_id=request_id,
             request_timeout=request_timeout,
+            warm=warm,
         )
         async with stream:
             async for chunk in stream:

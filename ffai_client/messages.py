@@ -75,6 +75,10 @@ class Generate(_Message):
     params: GenerationParameters = field(default_factory=GenerationParameters)
     options: ChatTemplateOptions | None = None
     add_special_tokens: bool = True
+    # Prefill only (additive): the final chunk comes with no tokens and the prompt's KV
+    # stays in the worker's prefix cache. Send max_tokens 1 with it: an older worker,
+    # which ignores the field, then generates one token at most.
+    warm: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -85,6 +85,7 @@ class Client:
         add_special_tokens: bool = True,
         request_id: str | None = None,
         request_timeout: float | None = None,
+        warm: bool = False,
     ) -> SyncGenerationStream:
         """Stream a generation: `for chunk in client.generate_stream(...)` (see AsyncClient)."""
         if self._loop.is_closed():
@@ -98,6 +99,7 @@ class Client:
             add_special_tokens=add_special_tokens,
             request_id=request_id,
             request_timeout=request_timeout,
+            warm=warm,
         )
         return SyncGenerationStream(self, stream)
 
@@ -112,6 +114,7 @@ class Client:
         add_special_tokens: bool = True,
         request_id: str | None = None,
         request_timeout: float | None = None,
+        warm: bool = False,
     ) -> GenerationResult:
         """Run a generation to the end and collect it."""
         return self._run(
@@ -124,6 +127,7 @@ class Client:
                 add_special_tokens=add_special_tokens,
                 request_id=request_id,
                 request_timeout=request_timeout,
+                warm=warm,
             )
         )
 

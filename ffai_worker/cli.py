@@ -54,7 +54,28 @@ def _load_engine(model: str | None, dtype: str | None, revision: str | None, **c
     click.echo(f"ffai-worker: BLAS: {blas_info()} ({off})", err=True)
     for note in mi.notes:
         click.echo(f"ffai-worker: {note}", err=True)
+    cache = engine.prefix.capacity_bytes
+    state = f"up to {cache / 2**20:.0f} MiB of KV" if engine.prefix.enabled else "off"
+    click.echo(f"ffai-worker: prompt cache {state} (--prompt-cache-bytes)", err=True)
     return engine
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """`0`, `1048576`, `512M`, `2GiB`, `1.5g`: a byte count (binary units)."""
+    if value is None:
+        return None
+    text = value.strip().lower().removesuffix("b").removesuffix("i")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        size = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size like 0, 512M or 2GiB") from None
+    if not 0 <= size < 2**63:
+        raise click.BadParameter(f"{value!r} is out of range")
+    return int(size)
 
 
 def _check_endpoint(endpoint: str, insecure: bool, curve: bool = False) -> None:
@@ -197,6 +218,13 @@ def main() -> None:
     help="Prompt tokens prefilled per step, so a long prompt never freezes other streams.",
 )
 @click.option(
+    "--prompt-cache-bytes",
+    default=None,
+    callback=_byte_size,
+    help="KV bytes the prefix cache keeps for prompts seen before (e.g. 2GiB; 0: off). "
+    "Default: 1/8 of memory, at most 8 GiB (printed at start-up).",
+)
+@click.option(
     "--max-message-bytes",
     type=click.IntRange(1024),
     default=16 << 20,
@@ -226,6 +254,7 @@ def serve(
     max_tokens_limit: int | None,
     max_prompt_tokens: int | None,
     prefill_step_size: int,
+    prompt_cache_bytes: int | None,
     max_message_bytes: int,
     stream_interval_ms: float | None,
     log_level: str,
@@ -249,6 +278,7 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         max_prompt_tokens=max_prompt_tokens,
         prefill_step_size=prefill_step_size,
+        prompt_cache_bytes=prompt_cache_bytes,
     )
     interval = None if stream_interval_ms is None else stream_interval_ms / 1000.0
     config = ServerConfig(

@@ -97,6 +97,7 @@ def test_generate_signatures_are_explicit_and_the_same_sync_and_async(name: str)
         "add_special_tokens",
         "request_id",
         "request_timeout",
+        "warm",
     ]
 
 

@@ -288,6 +288,7 @@ class Worker:
                 options=msg.options,
                 parameters=msg.params,
                 add_special_tokens=msg.add_special_tokens,
+                warm=msg.warm,
             )
 
         long = (
