@@ -30,8 +30,8 @@ class Run:
         return Run(self.tokens[:at]), Run(self.tokens[at:])
 
 
-def cache(tokens: int = 1000) -> PrefixCache:
-    return PrefixCache(tokens * BPT, BPT)
+def cache(tokens: int = 1000, min_hit: int = 1) -> PrefixCache:
+    return PrefixCache(tokens * BPT, BPT, min_hit=min_hit)
 
 
 def add(c: PrefixCache, tokens: list[int]) -> int:
@@ -114,6 +114,14 @@ def test_an_insert_never_evicts_the_prefix_it_extends() -> None:
     add(c, [1] * 40)
     assert add(c, [1] * 40 + [2] * 20) == 10  # only room for 10 more; the 40 stay
     assert spelled(c.match([1] * 40 + [2] * 30, 10**6)) == [1] * 40 + [2] * 10
+
+
+def test_hits_shorter_than_the_minimum_are_misses() -> None:
+    c = cache(min_hit=16)
+    add(c, list(range(40)))
+    assert c.match([*range(15), 99], 10**6) is None
+    assert spelled(c.match([*range(16), 99], 10**6)) == list(range(16))
+    assert (c.counters.hits, c.counters.misses) == (1, 1)
 
 
 def test_off_means_no_lookups_and_no_inserts() -> None:

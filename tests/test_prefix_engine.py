@@ -59,13 +59,13 @@ def test_hits_on_prompts_replies_and_mid_run_give_the_cold_tokens(
         # The chat pattern: the prompt and its reply, then a new message.
         "reply": story + first.generated_tokens + engine.tokenize(" The end.", False),
         "same": story,  # all but its last token from the cache
-        "mid": story[:9] + engine.tokenize(" cat who was sad", False),  # ends inside a run
+        "mid": story[:19] + engine.tokenize(" cat who was sad", False),  # ends inside a run
         "reply-mid": story + first.generated_tokens[:13] + [engine.tokenize(" sun", False)[0]],
     }
     expect_cached = {
         "reply": len(story) + N,
         "same": len(story) - 1,
-        "mid": 9,
+        "mid": 19,
         "reply-mid": len(story) + 13,
     }
     for name, ids in cases.items():
@@ -99,7 +99,7 @@ def test_hits_while_other_sequences_are_batched(engine: Engine, cold: Engine) ->
     base = engine.tokenize(STORY)
     engine.generate(tokens=base, parameters=GREEDY)
     prompts = {
-        f"p{i}": base[: 10 + 3 * i] + engine.tokenize(f" and {i} frogs", False) for i in range(5)
+        f"p{i}": base[: 16 + 3 * i] + engine.tokenize(f" and {i} frogs", False) for i in range(5)
     }
     prompts["fresh"] = engine.tokenize("The cat sat on the mat.")
     requests: dict[str, dict[str, Any]] = {
@@ -180,7 +180,7 @@ def test_a_flood_of_distinct_prompts_never_exceeds_the_bound() -> None:
         assert engine.prefix.bytes <= bound
         assert mx.get_active_memory() - baseline <= bound + 64 * 1024  # the cache's own bytes
     info = engine.info()
-    assert info["prompt_cache_evictions"] > 20  # prompts share only BOS: each needs room
+    assert info["prompt_cache_evictions"] > 20  # prompts share a few tokens: each needs room
     assert info["prompt_cache_hits"] + info["prompt_cache_misses"] == 41  # with "Hello"
 
 

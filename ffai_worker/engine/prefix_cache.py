@@ -13,6 +13,10 @@ gather), so a hit is copied into the sequence's slot once, at admission. A
 running sequence therefore never reads the tree, and eviction can never touch
 KV a running sequence uses: what it uses lives in its slot.
 
+Hits shorter than `min_hit` tokens (16, vLLM's block size) count as misses: a
+copy saves little there, and a prompt that is not a hit can still be prefilled
+in one forward with other fresh prompts (every prompt shares BOS, at least).
+
 Bounded: the tree holds at most `capacity_bytes` of KV. Eviction drops the
 least recently used leaf (a hit refreshes every node on its path) until a new
 segment fits; a segment larger than the whole cache is cut to fit.
@@ -27,6 +31,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+MIN_HIT = 16  # shorter common prefixes are prefilled anyway
 
 
 class Segment(Protocol):
@@ -71,6 +77,7 @@ class PrefixCache:
 
     capacity_bytes: int
     bytes_per_token: int
+    min_hit: int = MIN_HIT
     counters: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
     def __post_init__(self) -> None:
@@ -107,7 +114,7 @@ class PrefixCache:
         if not self.enabled:
             return None
         path, length = self._walk(tokens, limit)
-        if length == 0:
+        if length < max(1, self.min_hit):
             self.counters.misses += 1
             return None
         parts: list[tuple[Segment, int]] = []
