@@ -57,6 +57,12 @@ def _load_engine(model: str | None, dtype: str | None, revision: str | None, **c
     cache = engine.prefix.capacity_bytes
     state = f"up to {cache / 2**20:.0f} MiB of KV" if engine.prefix.enabled else "off"
     click.echo(f"ffai-worker: prompt cache {state} (--prompt-cache-bytes)", err=True)
+    if engine.config.prompt_cache_dir is not None and engine.prefix.enabled:
+        click.echo(
+            f"ffai-worker: prompt cache: {engine.restored_prompt_tokens} tokens restored from"
+            f" {engine.config.prompt_cache_dir}",
+            err=True,
+        )
     return engine
 
 
@@ -225,6 +231,13 @@ def main() -> None:
     "Default: 1/8 of memory, at most 8 GiB (printed at start-up).",
 )
 @click.option(
+    "--prompt-cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Save the prompt cache here at shutdown and read it back at start (same model and "
+    "dtype only; unreadable files are skipped with a warning).",
+)
+@click.option(
     "--max-message-bytes",
     type=click.IntRange(1024),
     default=16 << 20,
@@ -255,6 +268,7 @@ def serve(
     max_prompt_tokens: int | None,
     prefill_step_size: int,
     prompt_cache_bytes: int | None,
+    prompt_cache_dir: str | None,
     max_message_bytes: int,
     stream_interval_ms: float | None,
     log_level: str,
@@ -279,6 +293,7 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         prefill_step_size=prefill_step_size,
         prompt_cache_bytes=prompt_cache_bytes,
+        prompt_cache_dir=prompt_cache_dir,
     )
     interval = None if stream_interval_ms is None else stream_interval_ms / 1000.0
     config = ServerConfig(
@@ -296,7 +311,23 @@ def serve(
     security = curve.describe() if curve is not None else _plain_security(endpoint)
     click.echo(f"ffai-worker: serving on {endpoint} ({security})", err=True)
     worker.serve_forever()
+    _save_prompt_cache(engine)
     click.echo("ffai-worker: stopped", err=True)
+
+
+def _save_prompt_cache(engine: Any) -> None:
+    """On the way out: a failure to write the cache is reported, never fatal."""
+    if engine.config.prompt_cache_dir is None:
+        return
+    try:
+        tokens = engine.save_prompt_cache()
+    except Exception as exc:
+        click.echo(f"ffai-worker: prompt cache not saved: {exc}", err=True)
+        return
+    click.echo(
+        f"ffai-worker: prompt cache: {tokens} tokens saved to {engine.config.prompt_cache_dir}",
+        err=True,
+    )
 
 
 @main.command()

@@ -130,12 +130,25 @@ def test_off_means_no_lookups_and_no_inserts() -> None:
     assert c.counters.misses == 0
 
 
-def test_items_give_every_leafs_whole_prefix() -> None:
+def test_export_and_restore_keep_the_tree_its_recency_and_the_bound() -> None:
     c = cache()
     add(c, [1, 2, 3, 4])
     add(c, [1, 2, 5])
-    got = {tokens: [t for s in segs for t in s.tokens] for tokens, segs in c.items()}  # type: ignore[attr-defined]
-    assert got == {(1, 2, 3, 4): [1, 2, 3, 4], (1, 2, 5): [1, 2, 5]}
+    add(c, [7] * 20)
+    assert c.match([1, 2, 3, 4, 0], 10**6) is not None  # the most recent now
+    saved = c.export()
+    assert [p for p, _, _ in saved] == [-1, 0, -1, 0]  # parents first
+    again = cache()
+    assert again.restore(saved) == 25 and again.bytes == c.bytes
+    assert spelled(again.match([1, 2, 5, 0], 10**6)) == [1, 2, 5]
+    assert spelled(again.match([7] * 21, 10**6)) == [7] * 20
+    small = cache(tokens=5)  # the 20 sevens do not fit: what does fit comes back
+    assert small.restore(saved) == 5
+    assert spelled(small.match([1, 2, 3, 4, 0], 10**6)) == [1, 2, 3, 4]
+    assert small.match([7] * 21, 10**6) is None
+    assert spelled(small.match([1, 2, 5, 0], 10**6)) == [1, 2, 5]
+    bad = cache()
+    assert bad.restore([(5, (1, 2), Run([1, 2])), (-1, (3,), Run([3]))]) == 1  # orphan dropped
 
 
 # -- the scheduler plans hits ---------------------------------------------------

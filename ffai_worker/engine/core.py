@@ -50,6 +50,7 @@ class EngineConfig:
     template_budget_s: float = 1.0  # wall time one chat-template render may take
     # Bytes of KV the prefix cache may hold; None: default_prompt_cache_bytes(); 0: off.
     prompt_cache_bytes: int | None = None
+    prompt_cache_dir: str | None = None  # where the prefix cache is saved at exit, read at start
 
 
 class StepFailed(RuntimeError):
@@ -91,6 +92,7 @@ class Engine:
         if cache_bytes is None:
             cache_bytes = default_prompt_cache_bytes()
         self.prefix = PrefixCache(cache_bytes, self.cache.bytes_per_token)
+        self.restored_prompt_tokens = self._load_prompt_cache()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch=self.config.max_batch,
@@ -119,6 +121,29 @@ class Engine:
         loaded, info = load_model(path, dtype=dtype)
         tokenizer = Tokenizer.from_folder(path, info.generation_config)
         return cls(loaded, tokenizer, info, config, model_id=str(model))
+
+    # -- the prefix cache on disk ------------------------------------------------
+    def _prompt_cache_identity(self) -> dict[str, Any]:
+        from ffai_worker.engine.prefix_store import model_identity
+
+        return model_identity(self.model_id, Path(self.model_info.path), self.cache)
+
+    def _load_prompt_cache(self) -> int:
+        folder = self.config.prompt_cache_dir
+        if folder is None or not self.prefix.enabled:
+            return 0
+        from ffai_worker.engine.prefix_store import load
+
+        return load(self.prefix, Path(folder), self._prompt_cache_identity())
+
+    def save_prompt_cache(self) -> int:
+        """Write the prefix cache to `prompt_cache_dir` (if set); return the tokens written."""
+        folder = self.config.prompt_cache_dir
+        if folder is None or not self.prefix.enabled:
+            return 0
+        from ffai_worker.engine.prefix_store import save
+
+        return save(self.prefix, Path(folder), self._prompt_cache_identity())
 
     # -- requests --------------------------------------------------------------
     def new_request(

@@ -215,21 +215,48 @@ class PrefixCache:
         self._order.clear()
         self.bytes = 0
 
-    def items(self) -> list[tuple[tuple[int, ...], list[Segment]]]:
-        """Every leaf's whole token prefix and its segments, root first (to save the cache)."""
-        out = []
-        for node in self._order:
-            if node.children:
-                continue
-            tokens: list[tuple[int, ...]] = []
-            segments: list[Segment] = []
-            at: _Node | None = node
-            while at is not None and at.kv is not None:
-                tokens.append(at.tokens)
-                segments.append(at.kv)
-                at = at.parent
-            out.append((tuple(t for run in reversed(tokens) for t in run), segments[::-1]))
+    def export(self) -> list[tuple[int, tuple[int, ...], Segment]]:
+        """Every node as (parent's index in this list or -1, tokens, segment), to save it.
+
+        Most recently used first, so a parent always precedes its children.
+        """
+        index: dict[_Node, int] = {}
+        out: list[tuple[int, tuple[int, ...], Segment]] = []
+        for node in reversed(self._order):
+            assert node.parent is not None and node.kv is not None
+            index[node] = len(out)
+            out.append((index.get(node.parent, -1), node.tokens, node.kv))
         return out
+
+    def restore(self, nodes: Sequence[tuple[int, tuple[int, ...], Segment]]) -> int:
+        """Rebuild from `export()`'s list into an empty cache, most recent first, while it fits.
+
+        A node whose parent was left out (or that clashes with a sibling) is left out
+        too. Returns the tokens restored.
+        """
+        assert not self._order, "restore into an empty cache"
+        added: list[_Node | None] = []
+        for parent_at, tokens, kv in nodes:
+            parent = self._root if parent_at < 0 else _at(added, parent_at)
+            size = len(tokens) * self.bytes_per_token
+            if parent is None or not tokens or tokens[0] in parent.children:
+                added.append(None)
+                continue
+            if self.bytes + size > self.capacity_bytes:
+                added.append(None)
+                continue
+            node = _Node(tuple(tokens), kv, parent)
+            parent.children[node.tokens[0]] = node
+            self.bytes += size
+            added.append(node)
+        for node in reversed(added):  # least recently used first
+            if node is not None:
+                self._order[node] = None
+        return self.bytes // self.bytes_per_token
+
+
+def _at(nodes: list[_Node | None], i: int) -> _Node | None:
+    return nodes[i] if 0 <= i < len(nodes) else None
 
 
 def _common(run: tuple[int, ...], tokens: Sequence[int], start: int, limit: int) -> int:

@@ -116,6 +116,7 @@ class ModelRunner:
 
         self.prefix.insert(tokens[:stored], take)
         if taken:
+            # Waited for: a copy still queued would keep the whole slot buffer alive.
             mx.eval(*[(s.keys, s.values) for s in taken])
 
     # -- prefill -------------------------------------------------------------
