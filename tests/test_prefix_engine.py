@@ -184,6 +184,25 @@ def test_a_flood_of_distinct_prompts_never_exceeds_the_bound() -> None:
     assert info["prompt_cache_hits"] + info["prompt_cache_misses"] == 41  # with "Hello"
 
 
+def test_eviction_never_touches_what_a_running_sequence_uses(cold: Engine) -> None:
+    """A tight bound: other requests' KV evicts the run a decoding request was served from."""
+    probe = Engine.load(TINYSTORIES, config=EngineConfig(prompt_cache_bytes=0))
+    engine = Engine.load(
+        TINYSTORIES, config=EngineConfig(prompt_cache_bytes=80 * probe.cache.bytes_per_token)
+    )
+    story = engine.tokenize(STORY)
+    engine.generate(tokens=story, parameters=GREEDY)
+    hot = [*story, *engine.tokenize(" and the cat", False)]
+    others = {f"o{i}": engine.tokenize(f"{i} frogs sat on a log by the pond") for i in range(6)}
+    requests: dict[str, dict[str, Any]] = {"hot": {"tokens": hot, "parameters": GREEDY}}
+    requests |= {name: {"tokens": ids, "parameters": GREEDY} for name, ids in others.items()}
+    evictions = engine.prefix.counters.evictions
+    got = run_batch(engine, requests, stagger=2)  # "hot" first; the others arrive as it decodes
+    assert engine.prefix.counters.evictions > evictions and engine.prefix.counters.hits >= 1
+    for name, kwargs in requests.items():
+        assert got[name] == cold.generate(**kwargs).generated_tokens, name
+
+
 def test_off_means_no_hits_and_zero_cached_tokens(cold: Engine) -> None:
     cold.generate(STORY, parameters=GREEDY)
     again = cold.generate(STORY, parameters=GREEDY)
