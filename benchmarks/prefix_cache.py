@@ -78,6 +78,8 @@ def decode_rate(
 ) -> tuple[float, float]:
     """`rows` concurrent requests with distinct prompts: (decode tok/s, tokens per CPU second).
 
+    Each finished request leaves its prompt and reply in the cache (on): that is the cost.
+
     Tok/s is the rows' mean; CPU time (all threads of this process) counts the whole
     run, prefill included, so it is less at the mercy of other processes on the machine.
     """
@@ -94,6 +96,26 @@ def decode_rate(
                 if chunk.stats is not None:
                     rates.append(chunk.stats.decode_tokens_per_second)
     return statistics.mean(rates), rows * tokens / (time.process_time() - cpu0)
+
+
+def decode_cost(engine: Engine) -> None:
+    """Decode with the cache on vs off on a workload with no hits, alternating runs."""
+    # One engine, its cache bound toggled (0: off), alternating so drift hits both.
+    bound = engine.prefix.capacity_bytes
+    on_runs: list[tuple[float, float]] = []
+    off_runs: list[tuple[float, float]] = []
+    for i in range(7):
+        for runs, cap in ((on_runs, bound), (off_runs, 0)):
+            engine.prefix.capacity_bytes = cap
+            runs.append(decode_rate(engine, f"D{cap}x{i}", 32, tokens=48))
+    engine.prefix.capacity_bytes = bound
+    on, offr = (statistics.median(r[0] for r in runs) for runs in (on_runs, off_runs))
+    on_cpu, off_cpu = (statistics.median(r[1] for r in runs) for runs in (on_runs, off_runs))
+    print(
+        f"   decode, 4 rows, no hits, median of 7: cache on {on:.1f} tok/s, off {offr:.1f},"
+        f" ratio {on / offr:.3f}; tokens per CPU second on {on_cpu:.1f}, off {off_cpu:.1f},"
+        f" ratio {on_cpu / off_cpu:.3f}"
+    )
 
 
 def mlx_lm_side(folder: Path, lengths: list[int], start: int, turns: int) -> dict[str, Any]:
@@ -141,14 +163,17 @@ def mlx_lm_side(folder: Path, lengths: list[int], start: int, turns: int) -> dic
     return result
 
 
-def bench(name: str, folder: Path, lengths: list[int], turns: int, peer: bool) -> None:
+def bench(
+    name: str, folder: Path, lengths: list[int], turns: int, peer: bool, decode: bool
+) -> None:
     engine = Engine.load(folder)
     off = Engine.load(folder, config=EngineConfig(prompt_cache_bytes=0))
     room = engine.context_length - SUFFIX - 2 * REPLY
     lengths = sorted({min(n, room) for n in lengths})
     print(f"\n== {name} (context {engine.context_length}, BLAS {blas_info()})")
     print(f"   prompt cache bound {engine.prefix.capacity_bytes / 2**20:.0f} MiB")
-    ttft_ms(engine, text_ids(engine, "Warm", 64), 4)  # compile and warm up both
+    # Warm up both, the hit path included: its first chunk at an offset builds kernels.
+    chat_pattern(engine, 96)
     ttft_ms(off, text_ids(off, "Warm", 64), 4)
     for length in lengths:
         r = chat_pattern(engine, length)
@@ -163,20 +188,8 @@ def bench(name: str, folder: Path, lengths: list[int], turns: int, peer: bool) -
     print("     " + " ".join(f"{t:.0f}" for t in times))
     cold_last, _, _ = ttft_ms(off, last)
     print(f"     last turn's {len(last)}-token prompt cold: {cold_last:.0f} ms")
-    # One engine, its cache bound toggled (0: off), alternating so drift hits both.
-    bound, on_runs, off_runs = engine.prefix.capacity_bytes, [], []
-    for i in range(7):
-        for runs, cap in ((on_runs, bound), (off_runs, 0)):
-            engine.prefix.capacity_bytes = cap
-            runs.append(decode_rate(engine, f"D{cap}x{i}", 128))
-    engine.prefix.capacity_bytes = bound
-    on, offr = (statistics.median(r[0] for r in runs) for runs in (on_runs, off_runs))
-    on_cpu, off_cpu = (statistics.median(r[1] for r in runs) for runs in (on_runs, off_runs))
-    print(
-        f"   decode, 4 rows, no hits, median of 7: cache on {on:.1f} tok/s, off {offr:.1f},"
-        f" ratio {on / offr:.3f}; tokens per CPU second on {on_cpu:.1f}, off {off_cpu:.1f},"
-        f" ratio {on_cpu / off_cpu:.3f}"
-    )
+    if decode:
+        decode_cost(engine)
     info = engine.info()
     print(
         "   info: "
@@ -201,9 +214,10 @@ def main() -> None:
     ap.add_argument("--lengths", nargs="*", type=int, default=[1024, 4096])
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--no-mlx-lm", action="store_true")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode on/off runs")
     args = ap.parse_args()
     for name, folder in model_set(args.models).items():
-        bench(name, folder, args.lengths, args.turns, not args.no_mlx_lm)
+        bench(name, folder, args.lengths, args.turns, not args.no_mlx_lm, not args.no_decode)
 
 
 if __name__ == "__main__":
