@@ -32,7 +32,8 @@ yaml = pytest.importorskip("yaml")  # PyYAML, a dependency of kubernetes-validat
 REPO = Path(__file__).resolve().parents[1]
 KDIR = REPO / "deploy" / "kubernetes"
 OVERLAYS = {
-    "base": KDIR,
+    "top": KDIR,
+    "base": KDIR / "base",
     "autoscaling": KDIR / "autoscaling",
     "qwen2.5-0.5b": KDIR / "examples" / "qwen2.5-0.5b",
 }
@@ -168,14 +169,19 @@ def test_the_validator_rejects_what_the_api_server_would() -> None:
 
 # -- the kustomizations ----------------------------------------------------------------------------
 def test_the_base_kustomization_lists_every_manifest_and_keys_stay_out_of_git() -> None:
-    listed = set(_kustomization(KDIR)["resources"])
-    on_disk = {p.name for p in KDIR.glob("*.yaml")} - {"kustomization.yaml"}
+    base = KDIR / "base"
+    listed = set(_kustomization(base)["resources"])
+    on_disk = {p.name for p in base.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
     for overlay in OVERLAYS.values():
-        for entry in _kustomization(overlay)["resources"]:
+        kust = _kustomization(overlay)
+        for entry in kust["resources"]:
             assert (overlay / entry).exists(), f"{overlay}: {entry} is missing"
+            # Without it, a resource an overlay adds would land in the default namespace.
+            if (overlay / entry).is_file():
+                assert kust.get("namespace") == "ffai", f"{overlay} sets no namespace"
     sources = {p for files in generated_secrets(KDIR).values() for p in files.values()}
-    assert sources and all(p.parent == KDIR / "keys" for p in sources)
+    assert sources and all(p.parent == base / "keys" for p in sources)
     for path in sources:  # no real key can be committed by mistake
         ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO, check=False)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
@@ -422,6 +428,48 @@ def test_make_keys_writes_every_file_the_secret_generator_reads(keys_made: Path)
                 assert len(public) == 40 and (secret is not None) == (
                     source.suffix == ".key_secret"
                 )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubectl_kustomize_renders_what_these_tests_check(overlay: str, keys_made: Path) -> None:
+    """The real kustomize (where installed) agrees with `rendered`, and namespaces everything."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the kustomize cross-check needs it")
+    directory = keys_made / OVERLAYS[overlay].relative_to(KDIR)
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, check=False)
+    assert out.returncode == 0, out.stderr.decode()
+    real = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert all(d["metadata"].get("namespace") == "ffai" for d in real if d["kind"] != "Namespace")
+    for doc in real:
+        kv.validate(doc, VERSIONS[-1], strict=True)
+    generated = generated_secrets(directory)
+    secrets = {_name(d): d for d in real if d["kind"] == "Secret"}
+    assert {n: set(d["data"]) for n, d in secrets.items()} == {
+        n: set(files) for n, files in generated.items()
+    }
+
+    def key(doc: Doc) -> tuple[str, str]:
+        return doc["kind"], _name(doc)
+
+    def plain(doc: Doc) -> Doc:
+        meta = {k: v for k, v in doc["metadata"].items() if k != "namespace"}
+        return {**doc, "metadata": meta}
+
+    ours = [_canonical(d) for d in sorted(rendered(directory), key=key)]
+    assert [_canonical(plain(d)) for d in sorted(real, key=key) if d["kind"] != "Secret"] == ours
+
+
+def _canonical(value: Any) -> Any:
+    """Named list items in name order: a patch may move the ones it touches first."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_canonical(v) for v in value]
+        if items and all(isinstance(v, dict) and "name" in v for v in items):
+            items.sort(key=lambda v: str(v["name"]))
+        return items
+    return value
 
 
 def test_worker_serves_with_the_manifest_layout_and_its_probes_pass(

@@ -1,10 +1,10 @@
 #!/bin/sh
-# Make the keys the kustomization's secretGenerator reads, in keys/ (git-ignored).
+# Make the keys base/kustomization.yaml's secretGenerator reads, in base/keys/ (git-ignored).
 # Keeps what is already there. Without the project installed here, use the image:
-#   KEYGEN="docker run --rm -u $(id -u) -v $PWD/deploy/kubernetes/keys:/keys -w / ffai:dev \
+#   KEYGEN="docker run --rm -u $(id -u) -v $PWD/deploy/kubernetes/base/keys:/keys -w / ffai:dev \
 #           ffai-worker keygen" deploy/kubernetes/make-keys.sh
 set -eu
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/base"
 KEYGEN=${KEYGEN:-ffai-worker keygen}
 mkdir -p keys
 umask 077
