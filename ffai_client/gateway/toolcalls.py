@@ -231,8 +231,13 @@ class Llama3Parser(ToolCallParser):
         if i >= 0:
             self._opened_by_tag = True
             return i, i + len(self.OPEN)
-        # A reply (or what follows a call) that opens with `{` may be a call.
-        if not self._started or self.calls:
+        # A reply that opens with `{` may be a call; so may what follows a call after `;`.
+        if self.calls:
+            stripped = buf.lstrip().removeprefix(";").lstrip()
+            if stripped.startswith("{"):
+                self._opened_by_tag = False
+                return 0, len(buf) - len(stripped)  # the separator goes with the call
+        elif not self._started:
             stripped = buf.lstrip()
             if stripped.startswith("{"):
                 self._opened_by_tag = False
@@ -241,8 +246,8 @@ class Llama3Parser(ToolCallParser):
         return None
 
     def _hold(self, buf: str) -> int:
-        if (not self._started or self.calls) and not buf.strip():
-            return len(buf)  # only whitespace so far: a call may still start
+        if (not self._started or self.calls) and buf.strip() in ("", ";"):
+            return len(buf)  # only whitespace (or a separator) so far: a call may still start
         return _held_prefix(buf, self.OPEN)
 
     def _marker_text(self) -> str:
@@ -260,8 +265,7 @@ class Llama3Parser(ToolCallParser):
         if call is None:
             self._started = True  # JSON, but not a call: from here on it is all text
             return self._unparsed(s[:end], s[end:])
-        rest = s[end:].lstrip()
-        return [call], rest.removeprefix(";")
+        return [call], s[end:]
 
 
 PARSERS: dict[str, type[ToolCallParser]] = {
