@@ -284,3 +284,29 @@ def _wait(condition: Any, bound: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_text_passes_the_tool_call_parser_unchanged(
+    oai: openai.OpenAI, tinystories_worker: WorkerProcess
+) -> None:
+    """With tools, text that holds no call comes out exactly (held back, never lost)."""
+    ref = direct(tinystories_worker.endpoint, messages=HI, max_tokens=60, temperature=0.0)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    reply = oai.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        tools=[tool],
+        max_tokens=60,
+        temperature=0,  # type: ignore[arg-type, list-item]
+    )
+    assert reply.choices[0].message.content == ref.text
+    assert reply.choices[0].finish_reason == "length" and not reply.choices[0].message.tool_calls
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        tools=[tool],
+        max_tokens=60,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type, list-item]
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.text

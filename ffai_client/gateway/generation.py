@@ -66,7 +66,6 @@ async def run_job(
         add_special_tokens=job.add_special_tokens,
     )
     parser = PARSERS[job.tools.family]() if job.tools is not None else None
-    marker_id = job.tools.marker_id if job.tools is not None else None
     if job.echo:
         yield TextDelta(job.echo)
     try:
@@ -81,13 +80,11 @@ async def run_job(
                     reason = "tool_calls"
                 yield Final(reason, chunk.stats, calls)
                 return
-            text = chunk.text
-            if marker_id is not None and marker_id in chunk.tokens and job.tools is not None:
-                text = job.tools.marker + text  # the worker skips special tokens' text
-            if parser is None:
-                if text:
-                    yield TextDelta(text)
+            if parser is None or job.tools is None:
+                if chunk.text:
+                    yield TextDelta(chunk.text)
                 continue
+            text = await worker.restore_markers(job.tools, chunk.text, chunk.tokens)
             for event in parser.feed(text):
                 yield event
     finally:

@@ -82,9 +82,7 @@ class Metrics:
 
     async def render(self, pool: WorkerPool) -> bytes:
         """The exposition text, after asking every worker for its counters."""
-        answers = await asyncio.gather(
-            *(w.refresh() for w in pool.workers), return_exceptions=True
-        )
+        answers = await asyncio.gather(*(w.refresh() for w in pool.workers), return_exceptions=True)
         for worker, answer in zip(pool.workers, answers, strict=True):
             model = worker.model_id
             # A worker that did not answer keeps its last figures but shows as down.

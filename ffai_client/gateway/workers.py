@@ -10,7 +10,7 @@ call format, its fill-in-the-middle tokens) is asked of the worker once and kept
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ffai_client.client import AsyncClient
 from ffai_client.errors import FFAIError
@@ -22,23 +22,22 @@ INFO_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """How a model writes tool calls: the parser family, and its marker token if special.
+    """How a model writes tool calls: the parser family, and its special marker tokens.
 
-    A special marker token is skipped in the worker's text, so the gateway puts
-    the marker back when it sees the token id (`marker_id`).
+    The worker's text skips special tokens, so the gateway puts back the text
+    of those the parser needs (`<tool_call>`, `[TOOL_CALLS]`, ...), by token id.
     """
 
     family: str
-    marker: str = ""
-    marker_id: int | None = None
+    special_markers: dict[int, str] = field(default_factory=dict)
 
 
-# (family, marker): the first whose marker is one token in the model's vocabulary wins.
-_TOOL_MARKERS = (
-    ("hermes", "<tool_call>"),
-    ("mistral", "[TOOL_CALLS]"),
-    ("llama3", "<|python_tag|>"),
-)
+# family → its markers; the first family whose opening marker is one token wins.
+_TOOL_MARKERS = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]"),
+    "llama3": ("<|python_tag|>",),
+}
 
 # Fill-in-the-middle layouts: marker tokens and the holes, in the model's order.
 FIM_LAYOUTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -110,13 +109,38 @@ class WorkerHandle:
             return self._tool_format
 
     async def _find_tool_format(self) -> ToolFormat:
-        for family, marker in _TOOL_MARKERS:
-            token = await self.single_token(marker)
-            if token is None:
+        for family, markers in _TOOL_MARKERS.items():
+            if await self.single_token(markers[0]) is None:
                 continue
-            shown = await self.client.detokenize([token], skip_special_tokens=True)
-            return ToolFormat(family, marker, None if shown else token)
+            special: dict[int, str] = {}
+            for marker in markers:
+                token = await self.single_token(marker)
+                if token is not None and not await self.client.detokenize([token]):
+                    special[token] = marker
+            return ToolFormat(family, special)
         return ToolFormat("hermes")  # plain-text <tool_call>: what most fine-tunes write
+
+    async def restore_markers(self, fmt: ToolFormat, text: str, tokens: list[int]) -> str:
+        """A chunk's text with the special marker tokens' text put back where they were."""
+        markers = fmt.special_markers
+        if not markers or not any(t in markers for t in tokens):
+            return text
+        if len(tokens) == 1:
+            return markers[tokens[0]] + text
+        # Several tokens in one chunk (the worker coalesced them): rebuild around the markers.
+        parts: list[str] = []
+        run: list[int] = []
+        for token in tokens:
+            if token in markers:
+                if run:
+                    parts.append(await self.client.detokenize(run))
+                    run = []
+                parts.append(markers[token])
+            else:
+                run.append(token)
+        if run:
+            parts.append(await self.client.detokenize(run))
+        return "".join(parts)
 
     async def fim_format(self) -> FimFormat | None:
         async with self._lock:
