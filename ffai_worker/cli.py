@@ -170,6 +170,12 @@ def main() -> None:
 @click.option(
     "--log-level", type=LOG_LEVELS, default="warning", show_default=True, help="Logging threshold."
 )
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the OpenAI/Ollama HTTP API here (ffai-gateway as a child process).",
+)
 def serve(
     model: str | None,
     endpoint: str | None,
@@ -184,6 +190,7 @@ def serve(
     max_message_bytes: int,
     stream_interval_ms: float | None,
     log_level: str,
+    http: str | None,
 ) -> None:
     """Load a model and serve it on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
     from ffai_worker.server import ServerConfig, Worker
@@ -213,7 +220,16 @@ def serve(
     except Exception as exc:
         raise click.ClickException(f"cannot bind {endpoint}: {exc}") from None
     click.echo(f"ffai-worker: serving on {endpoint}", err=True)
-    worker.serve_forever()
+    gateway = None
+    if http is not None:
+        from ffai_worker.gateway_child import start_gateway, stop_gateway
+
+        gateway = start_gateway(http, endpoint, allow_remote)
+    try:
+        worker.serve_forever()
+    finally:
+        if gateway is not None:
+            stop_gateway(gateway)
     click.echo("ffai-worker: stopped", err=True)
 
 

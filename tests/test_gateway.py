@@ -14,7 +14,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from conftest import WorkerProcess
+from conftest import TINYSTORIES, WorkerProcess
 from gateway_process import GatewayProcess
 
 from ffai_client import AsyncClient, ChatMessage, GenerationParameters, GenerationResult
@@ -310,3 +310,24 @@ def test_text_passes_the_tool_call_parser_unchanged(
         stream=True,  # type: ignore[arg-type, list-item]
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref.text
+
+
+def test_worker_serve_http_runs_and_stops_the_gateway() -> None:
+    from gateway_process import free_port
+
+    port = free_port()
+    worker = WorkerProcess(TINYSTORIES, "--http", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: _answers(url + "/v1/models"), 30.0)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == MODEL
+    finally:
+        assert worker.stop() == 0
+    assert not _answers(url + "/v1/models")  # the gateway went with its worker
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
