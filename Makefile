@@ -23,7 +23,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps: pip runs again only when the packaging or the native sources change.
-INSTALL_INPUTS := pyproject.toml setup.py $(wildcard ffai_worker/native/kernels/*) '.[dev]' includes '.[worker]'.
+# '.[dev]' includes '.[worker]'.
+INSTALL_INPUTS := pyproject.toml setup.py $(wildcard ffai_worker/native/kernels/*)
 $(VENV)/.installed-worker: $(INSTALL_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[worker]'
 	@touch $@
