@@ -17,8 +17,8 @@ Guarantees:
   goes on. Duplicate custom_ids refuse the file (`BatchInputError`).
 - Results are appended in completion order, each line one write(2) to an
   unbuffered file as its request finishes, so a killed run loses nothing it
-  finished; fsync runs per group (at most every second, and at the end): see
-  `batch_io.OutputWriter` for why.
+  finished; fsync runs per group (at most every second, off the event loop,
+  and at the end): see `batch_io.OutputWriter` for why.
 - The output is append-only and the last line per custom_id wins. Rerunning
   with the same output skips custom_ids already there; `retry_failed` reruns
   those whose last line is an error, appending the new result after it.
@@ -109,9 +109,10 @@ async def run_batch_async(
 ) -> BatchSummary:
     """Run every input request not yet in the output; return what this run did.
 
-    Raises `BatchInputError` (unreadable input, duplicate custom_ids: nothing
-    is sent) and `WorkerUnavailable` (the worker is gone: the output holds
-    every finished request and the same call resumes).
+    Raises `BatchInputError` (unreadable input, duplicate custom_ids, an
+    output that cannot be written: nothing is sent) and `WorkerUnavailable`
+    (the worker is gone: the output holds every finished request and the
+    same call resumes).
     """
     source, target = Path(input_path), Path(output_path)
     if target.exists() and source.resolve() == target.resolve():
@@ -129,7 +130,11 @@ async def run_batch_async(
     pool = WorkerPool([address], timeout)
     worker = WorkerHandle(address, timeout)
     pool.workers = [worker]  # not pool.start(): it waits out an absent worker and hides why
-    writer = OutputWriter(target)
+    try:
+        writer = OutputWriter(target)
+    except OSError as exc:
+        await pool.close()
+        raise BatchInputError(f"cannot write {target}: {exc.strerror or exc}") from None
     try:
         worker.info = await worker.client.info()  # raises WorkerUnavailable, unlike refresh()
         progress.begin(len(lines), skipped, len(lines) - skipped - len(todo))

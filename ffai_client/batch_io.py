@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,31 +214,34 @@ class OutputWriter:
 
     Each line reaches the kernel at once (an unbuffered append of the whole
     line), so a killed process loses nothing it finished. fsync, which only
-    matters for a power cut or OS crash, runs per group of lines (at most
-    once a second, and at close): per line it would stall the event loop for
-    milliseconds at every one of hundreds of completions a second.
+    matters for a power cut or OS crash, runs per group of lines: at most
+    once a second, on a thread of its own, and at close. Per line, on the
+    event loop, it would stall every request for milliseconds (tens on a
+    busy disk) at each of hundreds of completions a second.
     """
 
     def __init__(self, path: Path) -> None:
         repair_tail(path)
         self._file = path.open("ab", buffering=0)
         self._synced = time.monotonic()
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="ffai-batch-fsync")
+        self._sync: Future[None] | None = None
         self.lines = 0
 
     def write(self, record: dict[str, Any]) -> None:
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
         self._file.write(data.encode())
         self.lines += 1
-        if time.monotonic() - self._synced >= FSYNC_INTERVAL_S:
-            self.sync()
-
-    def sync(self) -> None:
-        os.fsync(self._file.fileno())
-        self._synced = time.monotonic()
+        now = time.monotonic()
+        if now - self._synced >= FSYNC_INTERVAL_S and (self._sync is None or self._sync.done()):
+            self._synced = now
+            self._sync = self._syncer.submit(os.fsync, self._file.fileno())
 
     def close(self) -> None:
+        """Wait for a running fsync, then sync what is left and close."""
         if not self._file.closed:
-            self.sync()
+            self._syncer.shutdown(wait=True)
+            os.fsync(self._file.fileno())
             self._file.close()
 
 

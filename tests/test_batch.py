@@ -9,6 +9,7 @@ same command completes, with exactly one line per custom_id.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -401,6 +402,15 @@ def test_window_and_progress_lines(tinystories_worker: WorkerProcess, tmp_path: 
     assert "requests   6 in the input: 6 ok, 0 failed, 0 already done" in proc.stderr
     assert "generated tok/s" in proc.stderr
     assert os.path.getsize(tmp_path / "out.jsonl") > 0
+    # A terminal gets the bar: done/total, errors and tok/s (tqdm adds the ETA).
+    screen = io.StringIO()
+    bar = BatchProgress("bar", stream=screen)
+    run_batch(src, tmp_path / "bar.jsonl", endpoint=tinystories_worker.endpoint, progress=bar)
+    assert "6/6" in screen.getvalue() and "errors=0" in screen.getvalue(), screen.getvalue()
+    assert "tok/s" in screen.getvalue()
+    # An output that cannot be written refuses the run (exit 2), like a bad input.
+    proc = cli(tinystories_worker.endpoint, str(src), "-o", str(tmp_path / "no" / "out.jsonl"))
+    assert proc.returncode == 2 and "cannot write" in proc.stderr, proc.stderr
 
 
 NO_HTTP_SCRIPT = """
