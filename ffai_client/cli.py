@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from ffai_client.cli_batch import batch_options, run_batch_cli
 from ffai_client.cli_chat import TextOut, run_chat
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.client import AsyncClient
@@ -168,6 +169,22 @@ def chat(endpoint: str | None, timeout: float, system: str | None, **options: An
     except KeyboardInterrupt:
         click.echo(err=True)  # after the terminal's ^C
         sys.exit(130)
+
+
+@main.command()
+@endpoint_option
+@timeout_option
+@batch_options
+def batch(endpoint: str | None, timeout: float, **options: Any) -> None:
+    """Run an OpenAI Batch API file (JSONL) through the worker: resumable, with progress.
+
+    Each line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" or
+    "/v1/completions", "body": {...}}, the body as the gateway takes it. Results
+    are appended to the output in completion order as they finish; rerunning
+    resumes. Exit codes: 0 all ok, 1 some error lines, 2 bad input file, 3 worker
+    unavailable, 130 interrupted.
+    """
+    sys.exit(run_batch_cli(endpoint, timeout, **options))
 
 
 @main.command()

@@ -106,9 +106,15 @@ MLX_FREE_SCRIPT = textwrap.dedent(
 def test_client_package_never_imports_mlx() -> None:
     result = run(sys.executable, "-c", MLX_FREE_SCRIPT)
     assert result.returncode == 0, result.stderr
-    # Every module of the package was imported, not just its __init__.
-    on_disk = {f"ffai_client.{f.stem}" for f in (REPO / "ffai_client").glob("*.py")}
-    assert set(result.stdout.split()) == on_disk - {"ffai_client.__init__"}
+    # Every module of the package (subpackages too) was imported, not just its __init__.
+    root = REPO / "ffai_client"
+    on_disk = {
+        ".".join(("ffai_client", *f.relative_to(root).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for f in root.rglob("*.py")
+    }
+    assert set(result.stdout.split()) == on_disk - {"ffai_client"}
 
 
 def test_unavailable_worker_exits_3() -> None:

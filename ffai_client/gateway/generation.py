@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar, Union
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING, TypeVar, Union
 
 from ffai_client.gateway.toolcalls import PARSERS, ParsedEvent, TextDelta, ToolCall
 from ffai_client.gateway.workers import ToolFormat, WorkerHandle
@@ -25,6 +23,9 @@ from ffai_client.types import (
     GenerationParameters,
     GenerationStats,
 )
+
+if TYPE_CHECKING:  # only the HTTP helpers below use it; the batch runner has no Starlette
+    from starlette.requests import Request
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ ignored: `logprobs`, `top_logprobs`, `response_format` (other than text),
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ffai_client.gateway.errors import ApiError, bad_field, unsupported
@@ -28,6 +28,56 @@ _UNSUPPORTED = {
     "functions": "use `tools` (the legacy `functions` field is not accepted)",
     "function_call": "use `tool_choice` (the legacy `function_call` field is not accepted)",
 }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one OpenAI body asks of a worker: its jobs, and which prompt each one samples."""
+
+    jobs: list[Job]
+    groups: list[int]  # choice index → prompt index (usage counts each prompt once)
+    include_usage: bool  # stream_options.include_usage
+
+
+async def chat_plan(body: Body, worker: WorkerHandle) -> Plan:
+    """A /v1/chat/completions body (already through `check_unsupported`) as worker jobs."""
+    params = sampling(body, default_max_tokens(worker), chat=True)
+    n = choices(body)
+    include_usage = stream_usage(body)
+    messages = chat_messages(body)
+    tools, extra = tool_options(body)
+    job = Job(
+        parameters=params,
+        messages=messages,
+        options=template_options(tools, extra),
+        tools=await worker.tool_format() if tools else None,
+    )
+    return Plan(seeded(job, n), [0] * n, include_usage)
+
+
+async def completion_plan(body: Body, worker: WorkerHandle) -> Plan:
+    """A /v1/completions body (already through `check_unsupported`) as worker jobs."""
+    params = sampling(body, default_max_tokens(worker), chat=False)
+    n = choices(body)
+    include_usage = stream_usage(body)
+    prompts = completion_prompts(body)
+    suffix = body.text("suffix")
+    echo = body.flag("echo")
+    jobs: list[Job] = []
+    groups: list[int] = []
+    for g, prompt in enumerate(prompts):
+        if suffix is not None:
+            if not isinstance(prompt, str):
+                raise ApiError(400, "prompt: must be a string with suffix", param="prompt")
+            job = await fim_job(worker, prompt, suffix, params)
+        elif isinstance(prompt, str):
+            job = Job(parameters=params, prompt=prompt, echo=prompt if echo else "")
+        else:
+            echoed = await worker.client.detokenize(prompt) if echo else ""
+            job = Job(parameters=params, tokens=prompt, echo=echoed)
+        jobs += seeded(job, n)
+        groups += [g] * n
+    return Plan(jobs, groups, include_usage)
 
 
 def check_unsupported(body: Body) -> None:
