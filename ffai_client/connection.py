@@ -118,6 +118,8 @@ class Connection:
         self.unconnected_since = time.monotonic()  # start of the current wait for a worker
         self.others = 0  # running + waiting at the worker that are not ours (from its pong)
         self.last_ping = 0.0
+        self.opened_at = 0.0
+        self.hopeful = True  # never failed: worth a request while its first handshake runs
         self.closed = False
 
     # -- socket ----------------------------------------------------------------
@@ -142,7 +144,7 @@ class Connection:
         self._sock, self._monitor = sock, monitor
         self.connected = False
         self._refused = False
-        self.unconnected_since = time.monotonic()
+        self.unconnected_since = self.opened_at = time.monotonic()
         self._loop.add_reader(sock.fileno(), self.drain)
         self._loop.add_reader(monitor.fileno(), self.drain_monitor)
         # Monitor events may already be queued (the descriptor is edge-triggered).
@@ -237,7 +239,7 @@ class Connection:
                 return
             event = int.from_bytes(frames[0][:2], "little")  # ZMTP monitor frame: u16 event
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
+                self.connected = self.hopeful = True
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.lost(f"the worker at {self.endpoint} went away")
                 return  # the monitor was replaced with the socket
@@ -245,6 +247,7 @@ class Connection:
                 # Closed before the handshake finished: the security settings disagree.
                 # libzmq does not retry such a peer; the next request opens a fresh socket.
                 self._refused = True
+                self.hopeful = False
                 self._owner.orphaned(self, self.take_all(), AuthenticationFailed(self._refusal()))
 
     def _refusal(self) -> str:
@@ -257,6 +260,7 @@ class Connection:
     def lost(self, reason: str) -> None:
         """Hand every pending request to the owner and rebuild the socket for the next worker."""
         pendings = self.take_all()
+        self.hopeful = False
         self.reset()
         self._owner.orphaned(self, pendings, WorkerUnavailable(reason))
 
@@ -321,11 +325,16 @@ class Connection:
                     WorkerUnavailable(f"could not reach a worker at {self.endpoint} in {timeout} s")
                 )
         if not self.pending:
+            self.hopeful = False
             self.reset()  # drop what was queued for nobody; reconnect afresh
 
     def fail_all(self, error: BaseException) -> None:
         for waiter in self.take_all():
             waiter.deliver(error)
+
+    def ready(self, now: float, grace: float) -> bool:
+        """Connected, or just opened and never failed (its handshake is likely under way)."""
+        return self.connected or (self.hopeful and now - self.opened_at < grace)
 
     def load(self) -> int:
         """Generations at this worker: ours in flight plus others' from its last pong."""

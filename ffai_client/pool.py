@@ -9,7 +9,7 @@ its own `Connection`.
 A generation goes to its prefix-affinity worker (rendezvous hashing of the
 prompt's start over the connected workers, so adding or losing a worker moves
 only the keys it held) unless that worker carries more than 1.25 × the mean
-load (bounded-load consistent hashing); other requests go to the least
+load (bounded-load consistent hashing; at least two); other requests go to the least
 loaded. Load is our own requests in flight plus the others' the worker last
 reported in a `pong` (probed every `LOAD_PROBE_S` while requests run).
 
@@ -43,7 +43,8 @@ Resolver = Callable[[str, int], Sequence[str]]
 DEFAULT_RESOLVE_INTERVAL = 5.0  # seconds between re-resolutions of a DNS name
 LOAD_PROBE_S = 0.5  # ping period per worker while this client has requests in flight
 MOVE_AFTER_S = 0.5  # a request queued for a worker that never answered moves after this
-LOAD_BOUND = 1.25  # a worker above this × the mean load loses its affinity requests
+LOAD_BOUND = 1.25  # a worker at this × the mean load turns away affinity requests...
+LOAD_FLOOR = 2  # ...but always takes two (a second stream is nearly free in a batched decode)
 RECONNECT_MAX_MS = 2000  # libzmq's reconnect backoff ceiling with several workers
 PROMPT_KEY_CHARS = 256  # the prompt's start that picks its worker
 MESSAGES_KEY_CHARS = 2048  # the conversation's start (through its first user turn)
@@ -106,6 +107,11 @@ def affinity_key(msg: p.Generate) -> bytes:
 
 def _score(key: bytes, endpoint: str) -> bytes:
     return hashlib.blake2b(key + b"\0" + endpoint.encode(), digest_size=8).digest()
+
+
+def rank(key: bytes, endpoints: Iterable[str]) -> list[str]:
+    """Rendezvous order of `endpoints` for `key`: the first is its affinity worker."""
+    return sorted(endpoints, key=lambda e: _score(key, e), reverse=True)
 
 
 @dataclass
@@ -199,22 +205,26 @@ class Router:
     # -- choosing --------------------------------------------------------------
     def _order(self, pending: Pending, exclude: Iterable[str], up_only: bool) -> list[Connection]:
         """Where `pending` may go, best first."""
+        now = time.monotonic()
         pool = [c for c in self.conns.values() if c.endpoint not in exclude]
-        up = [c for c in pool if c.connected]
-        pool = up if up or up_only else pool
+        ready = [c for c in pool if c.ready(now, MOVE_AFTER_S)]
+        pool = ready if ready or up_only else pool
         if len(pool) <= 1:
             return pool
         if pending.key is None:
             turn = next(self._rr) % len(pool)  # equal loads take turns
             return sorted(pool[turn:] + pool[:turn], key=lambda c: c.load())
-        key = pending.key
-        ranked = sorted(pool, key=lambda c: _score(key, c.endpoint), reverse=True)
-        cap = math.ceil(LOAD_BOUND * (sum(c.load() for c in pool) + 1) / len(pool))
+        by_endpoint = {c.endpoint: c for c in pool}
+        ranked = [by_endpoint[e] for e in rank(pending.key, by_endpoint)]
+        mean = (sum(c.load() for c in pool) + 1) / len(pool)
+        cap = max(LOAD_FLOOR, math.ceil(LOAD_BOUND * mean))
         return [c for c in ranked if c.load() < cap] + [c for c in ranked if c.load() >= cap]
 
     def _affinity_choice(self, key: bytes) -> str | None:
-        healthy = [e for e, c in self.conns.items() if c.connected] or list(self.conns)
-        return max(healthy, key=lambda e: _score(key, e), default=None)
+        now = time.monotonic()
+        healthy = [e for e, c in self.conns.items() if c.ready(now, MOVE_AFTER_S)]
+        healthy = healthy or list(self.conns)
+        return rank(key, healthy)[0] if healthy else None
 
     def _send(self, pending: Pending, exclude: Iterable[str], up_only: bool) -> FFAIError | None:
         """Give `pending` to the best connection that takes it; else the reason none did."""
