@@ -150,6 +150,7 @@ class Router:
         self._next_resolve = 0.0
         self._resolving: asyncio.Task[None] | None = None
         self._probe_id = ""
+        self._probes = itertools.count(1)
         self._closed = False
         self.stats = RouterStats()
 
@@ -322,7 +323,8 @@ class Router:
         for conn in self.conns.values():
             if conn.connected and now - conn.last_ping >= LOAD_PROBE_S:
                 conn.last_ping = now
-                conn.send(p.Ping(id=self._probe_id))
+                # Unique ids: a probe may still be unanswered when the next one leaves.
+                conn.send(p.Ping(id=f"{self._probe_id}-{next(self._probes)}"))
 
     def _move_stuck(self, now: float) -> None:
         """Requests queued for a worker that never answered go to one that is connected."""

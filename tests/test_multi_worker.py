@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import TINYSTORIES, WorkerProcess
 
-from ffai_client import AsyncClient, GenerationParameters, WorkerUnavailable
+from ffai_client import AsyncClient, Client, GenerationParameters, WorkerUnavailable
 from ffai_client.pool import (
     affinity_key,
     dns_target,
@@ -117,6 +120,18 @@ def test_load_spreads_over_three_workers(three_workers: list[WorkerProcess]) -> 
     assert set(served) == set(endpoints), served
     # Bounded load: no worker above 1.25 x the mean (24 / 3).
     assert max(served.values()) <= 10, served
+
+
+def test_the_sync_client_and_the_cli_take_a_list(three_workers: list[WorkerProcess]) -> None:
+    endpoints = [w.endpoint for w in three_workers]
+    with Client(",".join(endpoints)) as client:
+        streams = [client.generate_stream(f"Story {i}", parameters=SHORT) for i in range(6)]
+        for stream in streams:
+            assert "".join(chunk.text for chunk in stream)
+    env = {**os.environ, "FFAI_ENDPOINT": ",".join(endpoints)}
+    cli = [sys.executable, "-m", "ffai_client.cli", "generate", "--max-tokens", "8", "Once"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
 
 
 def test_same_prefix_goes_to_the_same_worker(three_workers: list[WorkerProcess]) -> None:
