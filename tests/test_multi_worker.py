@@ -308,3 +308,60 @@ def test_a_killed_worker_is_routed_around_without_losing_or_repeating_text() -> 
         else:  # on a survivor, or moved there before any token: whole and exact
             assert error is None, (prompt, error)
             assert text == reference[prompt], prompt
+
+
+def test_the_gateway_spreads_over_replicas_and_survives_one() -> None:
+    import openai
+    from gateway_process import GatewayProcess
+
+    workers = [_start() for _ in range(3)]
+    endpoints = [w.endpoint for w in workers]
+    gateway = GatewayProcess(",".join(endpoints))
+    oai = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        before = asyncio.run(_frames_sent(endpoints))
+        for i in range(12):
+            oai.completions.create(model="tinystories-260k", prompt=f"Tale {i}:", max_tokens=30)
+        after = asyncio.run(_frames_sent(endpoints))
+        # Each request is ~30 frames at its worker; load probes add a few per second.
+        assert sum(high - low >= 40 for low, high in zip(before, after, strict=True)) >= 2
+        workers[0].stop(signal.SIGKILL)
+        for i in range(6):
+            done = oai.completions.create(
+                model="tinystories-260k", prompt=f"Then {i}:", max_tokens=5
+            )
+            assert done.choices[0].text
+    finally:
+        gateway.stop()
+        for worker in workers:
+            worker.stop(signal.SIGKILL)
+
+
+def test_a_busy_answer_before_any_token_moves_the_request() -> None:
+    workers = [_start("--max-batch", "1", "--max-queue", "1") for _ in range(2)]
+    endpoints = [w.endpoint for w in workers]
+    prompt = _prompts_for(endpoints[0], endpoints, 1, set())[0]
+
+    async def go() -> tuple[str | None, str, int]:
+        async with AsyncClient(endpoints[0]) as other:  # another client fills worker 0
+            running = other.generate_stream("Fill", parameters=LONG)
+            await running.__anext__()
+            queued = other.generate_stream("Fill too", parameters=LONG)
+            await queued.__aenter__()
+            pong = await other.ping()
+            assert (pong.running, pong.waiting) == (1, 1)
+            async with AsyncClient(endpoints) as client:
+                async with client.generate_stream(prompt, parameters=SHORT) as stream:
+                    text = "".join([chunk.text async for chunk in stream])
+                    endpoint = stream.endpoint
+                retried = client._router.stats.retried
+            await running.aclose()
+            await queued.aclose()
+        return endpoint, text, retried
+
+    try:
+        endpoint, text, retried = asyncio.run(go())
+    finally:
+        for worker in workers:
+            worker.stop(signal.SIGKILL)
+    assert (endpoint, retried) == (endpoints[1], 1) and text
