@@ -33,7 +33,9 @@ _endpoint = click.option(
     "--endpoint",
     envvar="FFAI_ENDPOINT",
     default=None,
-    help="Worker endpoint [env FFAI_ENDPOINT; default: the local daemon's ipc socket].",
+    help="Worker endpoint, or several comma-separated (or tcp://NAME:PORT with several "
+    "addresses) to spread requests over [env FFAI_ENDPOINT; default: the local daemon's "
+    "ipc socket].",
 )
 
 

@@ -62,8 +62,9 @@ def check_exposure(host: str, allow_remote: bool, api_key: str | None) -> None:
     "--worker",
     "workers",
     multiple=True,
-    help=f"Worker endpoint; repeat for several models [default: ${ENDPOINT_ENV}, "
-    "else the local worker's default endpoint].",
+    help=f"Worker endpoint; repeat for several models. Replicas of one model: a "
+    "comma-separated list, or tcp://NAME:PORT resolving to several addresses "
+    f"[default: ${ENDPOINT_ENV}, else the local worker's default endpoint].",
 )
 @click.option(
     "--allow-remote", is_flag=True, help="Allow a non-loopback --listen address (needs --api-key)."
