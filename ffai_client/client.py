@@ -42,9 +42,9 @@ from ffai_client.stream import GenerationStream
 from ffai_client.types import (
     ChatMessage,
     ChatTemplateOptions,
-    GenerationChunk,
     GenerationParameters,
     GenerationResult,
+    ResultBuilder,
 )
 
 _POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag arithmetic is slow on the hot path
@@ -434,9 +434,7 @@ class AsyncClient:
         request_timeout: float | None = None,
     ) -> GenerationResult:
         """Run a generation to the end and collect it (a collector over generate_stream)."""
-        texts: list[str] = []
-        generated: list[int] = []
-        final: GenerationChunk | None = None
+        builder = ResultBuilder()
         stream = self.generate_stream(
             prompt,
             messages=messages,
@@ -449,19 +447,11 @@ class AsyncClient:
         )
         async with stream:
             async for chunk in stream:
-                texts.append(chunk.text)
-                generated.extend(chunk.tokens)
-                if chunk.is_final:
-                    final = chunk
-        if final is None or final.stats is None:
+                builder.add(chunk)
+        result = builder.result()
+        if result is None:
             raise ProtocolError("the stream ended without a final chunk")
-        return GenerationResult(
-            prompt_tokens=final.stats.prompt_tokens,
-            generated_tokens=generated,
-            text="".join(texts),
-            stats=final.stats,
-            finish_reason=final.finish_reason,
-        )
+        return result
 
     async def cancel(self, request_id: str) -> None:
         """Cancel a request by id (harmless if it is unknown or already finished)."""

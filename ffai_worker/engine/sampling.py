@@ -168,6 +168,7 @@ class Sampler:
         self.repetition_context_size = params.repetition_context_size
         self.presence_penalty = params.presence_penalty
         self.frequency_penalty = params.frequency_penalty
+        self.logprobs = params.logprobs  # alternatives to report per token; None: no logprobs
         self.uses_history = (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
