@@ -96,13 +96,20 @@ class ModelRunner:
             seq.timings.prefill_started = t0
         views = self.cache.prefill_views(_slot(seq), start, size)
         inputs = mx.array([seq.prompt_ids[start : start + size]], dtype=mx.int32)  # (1, L)
-        if not chunk.completes:
+        scored = seq.params.prompt_logprobs
+        if not chunk.completes and not scored:
             # Only the cache matters for a middle chunk: the logits are never computed.
             self.model(inputs, cache=views)
             mx.eval(self.cache.keys, self.cache.values)
             seq.timings.prefill_busy_s += time.perf_counter() - t0
             return
-        logits = self._last_logits(inputs, views)  # (1, V)
+        if scored:
+            logits = self._scored_logits(seq, inputs, views, start)
+            if not chunk.completes:
+                seq.timings.prefill_busy_s += time.perf_counter() - t0
+                return
+        else:
+            logits = self._last_logits(inputs, views)  # (1, V)
         drawn = _draw((seq,), logits)
         mx.eval(*drawn.arrays(), self.cache.keys, self.cache.values)
         now = time.perf_counter()
@@ -110,6 +117,24 @@ class ModelRunner:
         tokens, logprobs = drawn.read()
         seq.accept(tokens[0], now, self.context_length, logprobs[0])
         seq.timings.post_prefill_memory = mx.get_active_memory()
+
+    def _scored_logits(
+        self, seq: Sequence, inputs: mx.array, views: list[Any], start: int
+    ) -> mx.array:
+        """A chunk's forward over every position: record the logprob of each next prompt
+        token (SPEC 6.6, raw logits) and return the last position's logits (1, V)."""
+        logits = self.model(inputs, cache=views)  # (1, L, V): the price of scoring
+        size = inputs.shape[1]
+        targets = seq.prompt_ids[start + 1 : start + size + 1]
+        scores: list[float] = []
+        if targets:
+            rows = logits[0, : len(targets)].astype(mx.float32)  # (T, V)
+            picked = mx.take_along_axis(rows, mx.array(targets)[:, None], axis=-1)[:, 0]
+            values = picked - mx.logsumexp(rows, axis=-1)
+            mx.eval(values, self.cache.keys, self.cache.values)
+            scores = values.tolist()
+        seq.prompt_logprobs = (seq.prompt_logprobs or []) + scores
+        return logits[:, -1, :]
 
     def _last_logits(self, inputs: mx.array, views: list[Any]) -> mx.array:
         # Project only the last position: the LM head over a whole chunk is wasted work.
