@@ -71,18 +71,32 @@ def draw(
         return Draw(tokens)
     counts = [int(samplers[i].logprobs or 0) for i in rows]
     n = max(counts)
-    chosen, top_ids, top_values = [], [], []
-    for i in rows:
-        x = samplers[i].penalized(logits[i], histories[i])  # (V,) float32
-        lp = x - mx.logsumexp(x)
-        chosen.append(lp[tokens[i]])
-        if n:
-            ids = mx.argpartition(-lp, n - 1)[:n]
-            vals = lp[ids]
-            order = mx.argsort(-vals)
-            top_ids.append(ids[order])
-            top_values.append(vals[order])
-    result = Draw(tokens, rows, counts, mx.stack(chosen))
+    x = _processed(samplers, logits, histories, rows)  # (R, V) float32
+    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    picked = tokens if len(rows) == len(samplers) else tokens[mx.array(rows)]
+    result = Draw(tokens, rows, counts, mx.take_along_axis(lp, picked[:, None], axis=-1)[:, 0])
     if n:
-        result.top_ids, result.top_values = mx.stack(top_ids), mx.stack(top_values)
+        ids = mx.argpartition(-lp, n - 1, axis=-1)[:, :n]  # (R, n), unordered
+        vals = mx.take_along_axis(lp, ids, axis=-1)
+        order = mx.argsort(-vals, axis=-1)
+        result.top_ids = mx.take_along_axis(ids, order, axis=-1)
+        result.top_values = mx.take_along_axis(vals, order, axis=-1)
     return result
+
+
+def _processed(
+    samplers: Sequence[Sampler],
+    logits: mx.array,
+    histories: Sequence[TokenHistory],
+    rows: list[int],
+) -> mx.array:
+    """The rows' logits after bias and penalties (R, V) float32, batched when none has any."""
+    if all(_plain(samplers[i]) for i in rows):
+        x = logits if len(rows) == logits.shape[0] else logits[mx.array(rows)]
+        return x.astype(mx.float32)
+    return mx.stack([samplers[i].penalized(logits[i], histories[i]) for i in rows])
+
+
+def _plain(sampler: Sampler) -> bool:
+    # penalized() is the identity (up to the float32 cast) for such a sampler.
+    return not sampler.uses_history and sampler.has_no_bias

@@ -165,7 +165,14 @@ class ModelRunner:
             inputs = mx.array(
                 [[s.last_token if s in decoding else 0] for s in running], dtype=mx.int32
             )  # (B, 1)
-        drawn = self._forward(inputs, running, decoding)
+        logits = self._logits(inputs, running, decoding)
+        if inflight is not None and any(s.constraint is not None for s in decoding):
+            # A grammar needs last step's tokens consumed before its next mask: launch this
+            # forward, settle last step while it runs, then sample under the new masks.
+            mx.async_eval(logits, self.cache.keys, self.cache.values)
+            self._settle(inflight)
+            inflight = None
+        drawn = _draw(decoding, logits)
         if inflight is not None or self._pipelinable(decoding):
             mx.async_eval(*drawn.arrays(), self.cache.keys, self.cache.values)
             self._inflight = (decoding, drawn)
@@ -176,22 +183,20 @@ class ModelRunner:
             self._settle(inflight)
 
     def _pipelinable(self, decoding: tuple[Sequence, ...]) -> bool:
-        # A penalty needs the previous token in its history before sampling, and a
-        # grammar needs it consumed before the next mask: such batches run in lockstep.
-        return self.pipeline and not any(
-            s.sampler.uses_history or s.constraint is not None for s in decoding
-        )
+        # A penalty needs the previous token in its history before sampling is even
+        # built: such batches run in lockstep. (Grammars settle mid-step, see _decode.)
+        return self.pipeline and not any(s.sampler.uses_history for s in decoding)
 
-    def _forward(
+    def _logits(
         self, inputs: mx.array, running: tuple[Sequence, ...], decoding: tuple[Sequence, ...]
-    ) -> Draw:
-        """Build (lazily) one decode step; return its draw over the decoding rows."""
+    ) -> mx.array:
+        """Build (lazily) one decode forward; return the decoding rows' logits (B_dec, V)."""
         active = [s in decoding for s in running]
         logits = self.decoder(inputs, active)  # (B, V)
         if len(decoding) != len(running):
             rows = [i for i, ok in enumerate(active) if ok]
             logits = logits[mx.array(rows)]
-        return _draw(decoding, logits)
+        return logits
 
     def _settle(self, step: Inflight) -> None:
         """Read a step's tokens back and hand each to its sequence."""
@@ -216,7 +221,8 @@ class ModelRunner:
 
 def _draw(seqs: tuple[Sequence, ...], logits: mx.array) -> Draw:
     """Sample one token per row of logits (B, V), under each row's grammar mask if any."""
-    constraints = [s.constraint for s in seqs]
+    # A row that finished while this step was in flight only wastes its token: no mask.
+    constraints = [s.constraint if s.finish_reason is None else None for s in seqs]
     allowed = None
     if any(c is not None for c in constraints):
         # The mask fill (llguidance threads, no GIL) overlaps the forward computing the logits.
