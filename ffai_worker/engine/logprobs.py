@@ -72,12 +72,16 @@ def draw(
     counts = [int(samplers[i].logprobs or 0) for i in rows]
     n = max(counts)
     x = _processed(samplers, logits, histories, rows)  # (R, V) float32
-    lp = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    # Only gathered entries are normalized: no (R, V) log-softmax is ever written.
+    lse = mx.logsumexp(x, axis=-1, keepdims=True)  # (R, 1)
     picked = tokens if len(rows) == len(samplers) else tokens[mx.array(rows)]
-    result = Draw(tokens, rows, counts, mx.take_along_axis(lp, picked[:, None], axis=-1)[:, 0])
+    chosen = mx.take_along_axis(x, picked[:, None], axis=-1) - lse
+    result = Draw(tokens, rows, counts, chosen[:, 0])
+    width = x.shape[-1]
+    n = min(n, width)
     if n:
-        ids = mx.argpartition(-lp, n - 1, axis=-1)[:, :n]  # (R, n), unordered
-        vals = mx.take_along_axis(lp, ids, axis=-1)
+        ids = mx.argpartition(x, width - n, axis=-1)[:, width - n :]  # (R, n), unordered
+        vals = mx.take_along_axis(x, ids, axis=-1) - lse
         order = mx.argsort(-vals, axis=-1)
         result.top_ids = mx.take_along_axis(ids, order, axis=-1)
         result.top_values = mx.take_along_axis(vals, order, axis=-1)
