@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -23,7 +23,7 @@ from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, samp
 from ffai_client.client import AsyncClient
 from ffai_client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV
 from ffai_client.errors import FFAIError, RequestError, WorkerUnavailable
-from ffai_client.types import GenerationChunk
+from ffai_client.types import GenerationChunk, GenerationParameters, TokenLogprob
 
 EXIT_REQUEST_ERROR = 1
 EXIT_UNAVAILABLE = 3
@@ -126,18 +126,39 @@ def main() -> None:
 @timeout_option
 @sampling_options
 @click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
+@click.option(
+    "--logprobs",
+    type=click.IntRange(0, 20),
+    default=None,
+    help="Print each token's log-probability and its N likeliest alternatives to stderr.",
+)
+@click.option(
+    "--response-format",
+    default=None,
+    metavar="JSON",
+    help='Constrain the output, e.g. \'{"type": "regex", "pattern": "[0-9]+"}\' (SPEC 6.7).',
+)
 @click.argument("prompt")
 def generate(
-    endpoint: str | None, timeout: float, stats: bool, prompt: str, **options: Any
+    endpoint: str | None,
+    timeout: float,
+    stats: bool,
+    logprobs: int | None,
+    response_format: str | None,
+    prompt: str,
+    **options: Any,
 ) -> None:
     """Stream a generation to stdout (Ctrl-C cancels it cleanly)."""
     params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
+    params = _with_extras(params, logprobs, response_format)
     out = TextOut()
+    entries: list[TokenLogprob] = []
 
     async def stream(client: AsyncClient) -> GenerationChunk | None:
         async with client.generate_stream(prompt, parameters=params) as chunks:
             async for chunk in chunks:
                 out.write(chunk.text)
+                entries.extend(chunk.logprobs or ())
         return chunks.final
 
     try:
@@ -147,8 +168,33 @@ def generate(
         click.echo("\nffai: cancelled", err=True)
         sys.exit(130)
     sys.stdout.write("\n")
+    for entry in entries:
+        click.echo(_logprob_line(entry), err=True)
     if stats and final is not None and final.stats is not None:
         click.echo(final.stats.formatted(), err=True)
+
+
+def _with_extras(
+    params: GenerationParameters, logprobs: int | None, response_format: str | None
+) -> GenerationParameters:
+    """The generate-only flags added to the sampling parameters."""
+    fmt = None
+    if response_format is not None:
+        try:
+            fmt = json.loads(response_format)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--response-format") from None
+    try:
+        return replace(params, logprobs=logprobs, response_format=fmt)
+    except (ValueError, AttributeError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _logprob_line(entry: TokenLogprob) -> str:
+    """`  -0.0123 'text' (id) | 'alt' -1.50, …` for one generated token."""
+    alts = ", ".join(f"{t.text!r} {t.logprob:.2f}" for t in entry.top)
+    line = f"{entry.logprob:9.4f} {entry.text!r} ({entry.token})"
+    return f"{line} | {alts}" if alts else line
 
 
 @main.command()

@@ -36,9 +36,9 @@ from ffai_client.stream import GenerationStream
 from ffai_client.types import (
     ChatMessage,
     ChatTemplateOptions,
-    GenerationChunk,
     GenerationParameters,
     GenerationResult,
+    ResultBuilder,
 )
 
 DEFAULT_TIMEOUT = 5.0  # seconds a request waits for a connection to a worker
@@ -222,9 +222,7 @@ class AsyncClient:
         request_timeout: float | None = None,
     ) -> GenerationResult:
         """Run a generation to the end and collect it (a collector over generate_stream)."""
-        texts: list[str] = []
-        generated: list[int] = []
-        final: GenerationChunk | None = None
+        builder = ResultBuilder()
         stream = self.generate_stream(
             prompt,
             messages=messages,
@@ -237,19 +235,11 @@ class AsyncClient:
         )
         async with stream:
             async for chunk in stream:
-                texts.append(chunk.text)
-                generated.extend(chunk.tokens)
-                if chunk.is_final:
-                    final = chunk
-        if final is None or final.stats is None:
+                builder.add(chunk)
+        result = builder.result()
+        if result is None:
             raise ProtocolError("the stream ended without a final chunk")
-        return GenerationResult(
-            prompt_tokens=final.stats.prompt_tokens,
-            generated_tokens=generated,
-            text="".join(texts),
-            stats=final.stats,
-            finish_reason=final.finish_reason,
-        )
+        return result
 
     async def cancel(self, request_id: str) -> None:
         """Cancel a request by id (harmless if it is unknown or already finished)."""

@@ -187,6 +187,27 @@ def test_generate_without_stats_prints_no_stats(tinystories_worker: WorkerProces
     assert "[STATS]" not in result.stderr and "[STATS]" not in result.stdout
 
 
+def test_generate_logprobs_and_response_format(
+    tinystories_worker: WorkerProcess, engine: Any
+) -> None:
+    endpoint = tinystories_worker.endpoint
+    params = GenerationParameters(temperature=0.0, max_tokens=5, logprobs=2)
+    expected = engine.generate(PROMPT, parameters=params)
+    args = ["--temperature", "0", "--max-tokens", "5", "--logprobs", "2"]
+    result = run(FFAI, "generate", "--endpoint", endpoint, *args, PROMPT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(expected.logprobs or ()) == 5
+    for line, entry in zip(lines, expected.logprobs or (), strict=True):
+        assert line.split()[0] == f"{entry.logprob:.4f}" and f"({entry.token})" in line
+        assert line.count("|") == 1 and line.count(", ") >= 1  # two alternatives
+    fmt = '{"type": "choice", "choices": ["dragon", "castle"]}'
+    chosen = run(FFAI, "generate", "--endpoint", endpoint, "--response-format", fmt, PROMPT)
+    assert chosen.returncode == 0 and chosen.stdout.strip() in ("dragon", "castle"), chosen
+    bad = run(FFAI, "generate", "--endpoint", endpoint, "--response-format", "{nope", PROMPT)
+    assert bad.returncode == 2 and "response-format" in bad.stderr
+
+
 def test_request_error_exits_1(tinystories_worker: WorkerProcess) -> None:
     endpoint = tinystories_worker.endpoint
     too_long = "word " * 600  # tinystories' context is 512 tokens

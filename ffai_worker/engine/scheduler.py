@@ -195,6 +195,8 @@ class Scheduler:
                 continue
             if seq.prefilled or seq.params.prefill_step_size is not None:
                 continue
+            if seq.params.prompt_logprobs:
+                continue  # scored prompts need every position's logits: the chunked path
             width = max(longest, len(seq.prompt_ids))
             if width * (len(group) + 1) > budget:  # padded rows cost work too
                 break
