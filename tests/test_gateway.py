@@ -130,6 +130,29 @@ def test_chat_buffered_and_streamed_match_async_client(
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == ref.stats.cached_prompt_tokens
 
 
+def test_response_format_reaches_the_worker(oai: openai.OpenAI) -> None:
+    """A JSON schema through the official client comes back as JSON that validates."""
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    reply = oai.chat.completions.create(
+        model=MODEL,
+        messages=HI,  # type: ignore[arg-type]
+        max_tokens=40,
+        temperature=0.8,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert json.loads(choice.message.content or "") in ({"answer": "yes"}, {"answer": "no"})
+
+
 def test_completions_match_async_client_with_stop(
     oai: openai.OpenAI, tinystories_worker: WorkerProcess
 ) -> None:

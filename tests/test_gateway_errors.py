@@ -55,13 +55,8 @@ OPENAI_CASES: list[tuple[str, Any, int, str, str | None]] = [
     (CHAT, chat(logit_bias={"100000": 1}), 400, "invalid_parameters", None),
     (CHAT, chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
     (CHAT, chat(top_logprobs=3), 400, "unsupported_parameter", "top_logprobs"),
-    (
-        CHAT,
-        chat(response_format={"type": "json_object"}),
-        400,
-        "unsupported_parameter",
-        "response_format",
-    ),
+    (CHAT, chat(response_format={"type": "bogus"}), 400, "invalid_value", "response_format"),
+    (CHAT, chat(response_format="json"), 400, "invalid_value", "response_format"),
     (CHAT, chat(n=0), 400, "invalid_value", "n"),
     (
         CHAT,

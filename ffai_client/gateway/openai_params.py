@@ -1,7 +1,7 @@
 """OpenAI request bodies → worker jobs: sampling fields, chat messages, tools, FIM.
 
 Every field we cannot honour is refused with a 400 that names it, never
-ignored: `logprobs`, `top_logprobs`, `response_format` (other than text),
+ignored: `logprobs`, `top_logprobs`,
 `tool_choice` that forces a call, `best_of` other than `n`, and the rest in
 `_UNSUPPORTED`. Extensions other servers accept too (vLLM's `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `chat_template_kwargs`) are honoured.
@@ -86,11 +86,6 @@ def check_unsupported(body: Body) -> None:
         raise unsupported("logprobs", _NO_LOGPROBS)
     if body.raw("top_logprobs") not in (None, 0):
         raise unsupported("top_logprobs", _NO_LOGPROBS)
-    fmt = body.raw("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise unsupported(
-            "response_format", "the worker has no constrained decoding yet (JSON mode, schemas)"
-        )
     modalities = body.raw("modalities")
     if modalities is not None and modalities != ["text"]:
         raise unsupported("modalities", "the worker generates text only")
@@ -133,7 +128,18 @@ def sampling(body: Body, info_max_tokens: int, chat: bool) -> GenerationParamete
         seed=None if seed is None else seed % 2**64,  # OpenAI takes any int64
         stop=body.stop(),
         stop_on_eos=not body.flag("ignore_eos"),
+        response_format=_response_format(body),
     )
+
+
+def _response_format(body: Body) -> dict[str, Any] | None:
+    """OpenAI's `response_format`, passed to the worker as is (it speaks the same form)."""
+    fmt = body.raw("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return None
+    if not isinstance(fmt, dict):
+        raise bad_field("response_format", "must be an object with a `type`")
+    return fmt
 
 
 def choices(body: Body) -> int:
