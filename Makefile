@@ -22,12 +22,14 @@ $(BIN)/python:
 	{ echo "make: $(PYTHON) is older than 3.11; try: make PYTHON=python3.12 ..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-# Stamps: pip runs again only when pyproject.toml changes. '.[dev]' includes '.[worker]'.
-$(VENV)/.installed-worker: pyproject.toml | $(BIN)/python
+# Stamps: pip runs again only when the packaging or the native sources change.
+# '.[dev]' includes '.[worker]'.
+INSTALL_INPUTS := pyproject.toml setup.py $(wildcard ffai_worker/native/kernels/*)
+$(VENV)/.installed-worker: $(INSTALL_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[worker]'
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: $(INSTALL_INPUTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@ $(VENV)/.installed-worker
 

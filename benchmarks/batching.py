@@ -9,7 +9,7 @@ second of wall time (first request sent → last final chunk; the median of
 untimed warm-up round at that batch size (a new batch shape traces new
 compiled decode steps once; a long-running worker has them). mlx-lm's
 `batch_generate` runs the same N prompts and token counts in this process,
-after its own warm-up, on the same system OpenBLAS but without the worker's
+after its own warm-up, on the same OpenBLAS but without the worker's
 small-M matmul kernel (part of our engine, not mlx-lm's; `--peer-kernel`
 gives it to mlx-lm too).
 """

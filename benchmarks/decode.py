@@ -3,7 +3,7 @@
     python benchmarks/decode.py [--models tinystories-260k qwen2.5-0.5b-random] [--tokens N]
 
 Prints prompt tok/s and decode tok/s for both and the ratios ours ÷ mlx-lm,
-plus which BLAS ran. mlx-lm runs in a child process on the same system
+plus which BLAS ran. mlx-lm runs in a child process on the same
 OpenBLAS but without our small-M matmul kernel (the kernel binds process-wide,
 and it is part of our engine, not of mlx-lm); `--peer-kernel` gives mlx-lm the
 kernel too, which isolates the engine's own share of the difference. Runs

@@ -12,17 +12,18 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
 import click
 
+from ffai_client.cli_batch import batch_options, run_batch_cli
 from ffai_client.cli_chat import TextOut, run_chat
 from ffai_client.cli_options import SAMPLING_KEYS, parameters_from_options, sampling_options
 from ffai_client.client import AsyncClient
 from ffai_client.curve import CLIENT_KEY_ENV, SERVER_KEY_ENV
 from ffai_client.errors import FFAIError, RequestError, WorkerUnavailable
-from ffai_client.types import GenerationChunk
+from ffai_client.types import GenerationChunk, GenerationParameters, TokenLogprob
 
 EXIT_REQUEST_ERROR = 1
 EXIT_UNAVAILABLE = 3
@@ -32,7 +33,9 @@ _endpoint = click.option(
     "--endpoint",
     envvar="FFAI_ENDPOINT",
     default=None,
-    help="Worker endpoint [env FFAI_ENDPOINT; default: the local daemon's ipc socket].",
+    help="Worker endpoint, or several comma-separated (or tcp://NAME:PORT with several "
+    "addresses) to spread requests over [env FFAI_ENDPOINT; default: the local daemon's "
+    "ipc socket].",
 )
 
 
@@ -124,22 +127,44 @@ def main() -> None:
 @sampling_options
 @click.option("--stats", is_flag=True, help="Print the [STATS] block to stderr.")
 @click.option(
+    "--logprobs",
+    type=click.IntRange(0, 20),
+    default=None,
+    help="Print each token's log-probability and its N likeliest alternatives to stderr.",
+)
+@click.option(
+    "--response-format",
+    default=None,
+    metavar="JSON",
+    help='Constrain the output, e.g. \'{"type": "regex", "pattern": "[0-9]+"}\' (SPEC 6.7).',
+)
+@click.option(
     "--warm",
     is_flag=True,
     help="Prefill only: put the prompt in the worker's prefix cache, generate nothing.",
 )
 @click.argument("prompt")
 def generate(
-    endpoint: str | None, timeout: float, stats: bool, warm: bool, prompt: str, **options: Any
+    endpoint: str | None,
+    timeout: float,
+    stats: bool,
+    logprobs: int | None,
+    response_format: str | None,
+    warm: bool,
+    prompt: str,
+    **options: Any,
 ) -> None:
     """Stream a generation to stdout (Ctrl-C cancels it cleanly)."""
     params = parameters_from_options({k: options[k] for k in SAMPLING_KEYS})
+    params = _with_extras(params, logprobs, response_format)
     out = TextOut()
+    entries: list[TokenLogprob] = []
 
     async def stream(client: AsyncClient) -> GenerationChunk | None:
         async with client.generate_stream(prompt, parameters=params, warm=warm) as chunks:
             async for chunk in chunks:
                 out.write(chunk.text)
+                entries.extend(chunk.logprobs or ())
         return chunks.final
 
     try:
@@ -148,17 +173,47 @@ def generate(
         # asyncio.run cancelled the task, which sent the cancel to the worker.
         click.echo("\nffai: cancelled", err=True)
         sys.exit(130)
-    if warm and final is not None and final.stats is not None:
+    if warm:
+        _warm_note(final)
+    else:
+        sys.stdout.write("\n")
+    for entry in entries:
+        click.echo(_logprob_line(entry), err=True)
+    if stats and final is not None and final.stats is not None:
+        click.echo(final.stats.formatted(), err=True)
+
+
+def _warm_note(final: GenerationChunk | None) -> None:
+    if final is not None and final.stats is not None:
         s = final.stats
         click.echo(
             f"ffai: warmed {s.prompt_tokens} prompt tokens ({s.cached_prompt_tokens} were"
             f" cached) in {s.time_to_first_token_ms:.0f} ms",
             err=True,
         )
-    else:
-        sys.stdout.write("\n")
-    if stats and final is not None and final.stats is not None:
-        click.echo(final.stats.formatted(), err=True)
+
+
+def _with_extras(
+    params: GenerationParameters, logprobs: int | None, response_format: str | None
+) -> GenerationParameters:
+    """The generate-only flags added to the sampling parameters."""
+    fmt = None
+    if response_format is not None:
+        try:
+            fmt = json.loads(response_format)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--response-format") from None
+    try:
+        return replace(params, logprobs=logprobs, response_format=fmt)
+    except (ValueError, AttributeError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _logprob_line(entry: TokenLogprob) -> str:
+    """`  -0.0123 'text' (id) | 'alt' -1.50, …` for one generated token."""
+    alts = ", ".join(f"{t.text!r} {t.logprob:.2f}" for t in entry.top)
+    line = f"{entry.logprob:9.4f} {entry.text!r} ({entry.token})"
+    return f"{line} | {alts}" if alts else line
 
 
 @main.command()
@@ -181,6 +236,22 @@ def chat(endpoint: str | None, timeout: float, system: str | None, **options: An
     except KeyboardInterrupt:
         click.echo(err=True)  # after the terminal's ^C
         sys.exit(130)
+
+
+@main.command()
+@endpoint_option
+@timeout_option
+@batch_options
+def batch(endpoint: str | None, timeout: float, **options: Any) -> None:
+    """Run an OpenAI Batch API file (JSONL) through the worker: resumable, with progress.
+
+    Each line: {"custom_id", "method": "POST", "url": "/v1/chat/completions" or
+    "/v1/completions", "body": {...}}, the body as the gateway takes it. Results
+    are appended to the output in completion order as they finish; rerunning
+    resumes. Exit codes: 0 all ok, 1 some error lines, 2 bad input file, 3 worker
+    unavailable, 130 interrupted.
+    """
+    sys.exit(run_batch_cli(endpoint, timeout, **options))
 
 
 @main.command()

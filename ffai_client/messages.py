@@ -20,6 +20,7 @@ from ffai_client.types import (
     GenerationChunk,
     GenerationParameters,
     GenerationStats,
+    TokenLogprob,
     check_prompt_input,
 )
 
@@ -151,9 +152,14 @@ class Chunk(_Message):
     position: int
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    # Additive (SPEC 10): only when the request asked for them (SPEC 6.6).
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[float] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.logprobs is not None and len(self.logprobs) != len(self.tokens):
+            raise ValueError("logprobs must hold one entry per token of tokens")
         if (self.finish_reason is None) != (self.stats is None):
             raise ValueError("stats and finish_reason must come together (final chunk only)")
         if self.stats is not None and (self.text or self.tokens):
@@ -170,6 +176,8 @@ class Chunk(_Message):
             position=self.position,
             stats=self.stats,
             finish_reason=self.finish_reason,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     @classmethod
@@ -181,6 +189,8 @@ class Chunk(_Message):
             position=chunk.position,
             finish_reason=chunk.finish_reason,
             stats=chunk.stats,
+            logprobs=chunk.logprobs,
+            prompt_logprobs=chunk.prompt_logprobs,
         )
 
 

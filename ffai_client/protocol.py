@@ -52,6 +52,7 @@ from ffai_client.types import (
     GenerationChunk,
     GenerationParameters,
     GenerationStats,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -140,6 +141,10 @@ def encode_chunk(request_id: str, chunk: GenerationChunk) -> bytes:
         out["finish_reason"] = chunk.finish_reason
     if chunk.stats is not None:
         out["stats"] = chunk.stats.to_dict()
+    if chunk.logprobs is not None:
+        out["logprobs"] = [lp.to_dict() for lp in chunk.logprobs]
+    if chunk.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [float(x) for x in chunk.prompt_logprobs]
     return _packb(out)
 
 
@@ -292,6 +297,11 @@ class _Fields:
                 self.fail(name, f"must be an array of maps, got {_kind(raw)}")
             build = ChatMessage.from_dict
             return [self.structure(f"{name}[{i}]", m, build) for i, m in enumerate(raw)]
+        if tag == "logprobs":
+            if not isinstance(raw, list):
+                self.fail(name, f"must be an array of maps, got {_kind(raw)}")
+            read = TokenLogprob.from_dict
+            return [self.structure(f"{name}[{i}]", m, read) for i, m in enumerate(raw)]
         if tag == "record":
             if not isinstance(raw, dict):
                 self.fail(name, f"must be a map, got {_kind(raw)}")
@@ -390,6 +400,7 @@ def _tag(kind: Any) -> str:
         (list[ChatMessage], "messages"),
         (Limits, "record"),
         (GenerationStats, "record"),
+        (list[TokenLogprob], "logprobs"),
     ]
     return next((tag for k, tag in tags if kind == k), "value")
 

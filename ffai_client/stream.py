@@ -11,6 +11,7 @@ from ffai_client.types import GenerationChunk
 if TYPE_CHECKING:
     from ffai_client import protocol as p
     from ffai_client.client import AsyncClient
+    from ffai_client.connection import Pending
 
 
 class GenerationStream:
@@ -29,6 +30,7 @@ class GenerationStream:
         self._request = request
         self._request_timeout = request_timeout
         self._queue: asyncio.Queue[Any] | None = None
+        self._pending: Pending | None = None
         self._done = False
         self.final: GenerationChunk | None = None  # the terminal chunk, once seen
 
@@ -36,9 +38,17 @@ class GenerationStream:
     def request_id(self) -> str:
         return self._request.id
 
+    @property
+    def endpoint(self) -> str | None:
+        """The worker serving this stream (the last one tried); None before it starts."""
+        conn = self._pending.conn if self._pending is not None else None
+        return conn.endpoint if conn is not None else None
+
     def _start(self) -> asyncio.Queue[Any]:
         if self._queue is None:
-            self._queue = self._client._open_stream(self._request, self._request_timeout)
+            self._pending = self._client._open_stream(self._request, self._request_timeout)
+            assert self._pending.queue is not None
+            self._queue = self._pending.queue
         return self._queue
 
     async def __aenter__(self) -> GenerationStream:

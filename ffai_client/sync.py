@@ -15,6 +15,7 @@ from ffai_client import protocol as p
 from ffai_client.client import DEFAULT_HEARTBEAT, DEFAULT_TIMEOUT, AsyncClient
 from ffai_client.curve import CurveClientKeys
 from ffai_client.errors import ClientClosed
+from ffai_client.pool import DEFAULT_RESOLVE_INTERVAL, Resolver
 from ffai_client.stream import GenerationStream
 from ffai_client.types import (
     ChatMessage,
@@ -28,16 +29,18 @@ T = TypeVar("T")
 
 
 class Client:
-    """Blocking client: the same methods as `AsyncClient`, with plain iterators."""
+    """Blocking client: the same methods and arguments as `AsyncClient`, with plain iterators."""
 
     def __init__(
         self,
-        endpoint: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat_interval: float = DEFAULT_HEARTBEAT,
         request_timeout: float | None = None,
         curve: CurveClientKeys | None = None,
+        resolver: Resolver | None = None,
+        resolve_interval: float = DEFAULT_RESOLVE_INTERVAL,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="ffai")
@@ -48,6 +51,8 @@ class Client:
             heartbeat_interval=heartbeat_interval,
             request_timeout=request_timeout,
             curve=curve,
+            resolver=resolver,
+            resolve_interval=resolve_interval,
         )
         self.endpoint = self._async.endpoint
 

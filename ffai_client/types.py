@@ -113,12 +113,58 @@ def _growth(now: int, base: int) -> str:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One candidate for a generated position: its id, text and log-probability."""
+
+    token: int
+    text: str
+    logprob: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_wire_map(self, omit_defaults=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TopLogprob:
+        return cls(**read_map(cls, data))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the `logprobs` most likely alternatives.
+
+    From the distribution the token was drawn from: the model's logits after the
+    grammar mask, logit bias and penalties, before temperature and truncation
+    (SPEC 6.6); `top` is sorted by logprob, most likely first.
+    """
+
+    token: int
+    text: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_wire_map(self, omit_defaults=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TokenLogprob:
+        if not isinstance(data, Mapping):
+            raise ValueError("a token logprob must be a map")
+        top = data.get("top") or []
+        if not isinstance(top, list):
+            raise ValueError("top must be an array")
+        kwargs = read_map(cls, {k: v for k, v in data.items() if k != "top"})
+        return cls(**kwargs, top=[TopLogprob.from_dict(t) for t in top])
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """One streamed piece of a generation.
 
     `position` is the absolute position (prompt tokens + generated tokens so
     far) after this chunk. The final chunk has empty `text`/`tokens` and
-    carries `stats` and `finish_reason`.
+    carries `stats` and `finish_reason`. With `logprobs` requested, `logprobs`
+    holds one entry per token of `tokens`; with `prompt_logprobs`, the first
+    chunk carries the prompt's (one per prompt token after the first).
     """
 
     text: str
@@ -126,6 +172,8 @@ class GenerationChunk:
     position: int
     stats: GenerationStats | None = None
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[float] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -141,6 +189,8 @@ class GenerationResult:
     text: str
     stats: GenerationStats
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when requested
+    prompt_logprobs: list[float] | None = None  # prompt tokens 2..n, when requested
 
     @property
     def tokens_per_second(self) -> float:
@@ -153,6 +203,42 @@ class GenerationResult:
     @property
     def time_to_first_token_s(self) -> float:
         return self.stats.time_to_first_token_ms / 1000.0
+
+
+class ResultBuilder:
+    """Collects a stream's chunks into its `GenerationResult` (client and engine alike)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.prompt_logprobs: list[float] | None = None
+        self.final: GenerationChunk | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.texts.append(chunk.text)
+        self.tokens.extend(chunk.tokens)
+        if chunk.logprobs is not None:  # present (maybe empty) in every chunk when requested
+            self.logprobs = (self.logprobs or []) + list(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = list(chunk.prompt_logprobs)
+        if chunk.is_final:
+            self.final = chunk
+
+    def result(self) -> GenerationResult | None:
+        """The result, or None if no final chunk came."""
+        final = self.final
+        if final is None or final.stats is None:
+            return None
+        return GenerationResult(
+            prompt_tokens=final.stats.prompt_tokens,
+            generated_tokens=self.tokens,
+            text="".join(self.texts),
+            stats=final.stats,
+            finish_reason=final.finish_reason,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
 _MAX_TOKEN_ID = 2**31 - 1
@@ -181,6 +267,9 @@ class GenerationParameters:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_on_eos: bool = True
     prefill_step_size: int | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         problems = list(_parameter_problems(self))
@@ -247,7 +336,39 @@ def _parameter_problems(p: GenerationParameters) -> Sequence[str]:
         problems.append("stop_token_ids must be valid token ids")
     if p.prefill_step_size is not None and not 1 <= p.prefill_step_size <= 1 << 20:
         problems.append("prefill_step_size must be a positive integer or None")
+    if p.response_format is not None:
+        problems.extend(response_format_problems(p.response_format))
+        if any(b == math.inf for b in p.logit_bias.values()):
+            problems.append("a +inf logit_bias (a forced token) cannot be combined with a format")
+    if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+        problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {p.logprobs}")
     return problems
+
+
+MAX_LOGPROBS = 20
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar", "choice")
+
+
+def response_format_problems(fmt: Mapping[str, Any]) -> list[str]:
+    """The shape rules of `response_format` (whether it compiles is the worker's question)."""
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        return [f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}"]
+    if kind == "json_schema":
+        inner = fmt.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, Mapping) else fmt.get("schema")
+        if not isinstance(schema, Mapping):
+            return ["response_format json_schema needs a map json_schema.schema (or schema)"]
+    need = {"regex": "pattern", "grammar": "lark"}.get(str(kind))
+    if need is not None and not (isinstance(fmt.get(need), str) and fmt[need]):
+        return [f"response_format {kind} needs a non-empty str {need}"]
+    if kind == "choice":
+        choices = fmt.get("choices")
+        if not (
+            isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)
+        ):
+            return ["response_format choice needs a non-empty array of non-empty str choices"]
+    return []
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """FFAI worker: one process that keeps a model loaded and serves many clients.
 
-Importing this package first preloads a fast system BLAS for MLX's CPU backend
+Importing this package first preloads a fast BLAS (OpenBLAS) for MLX's CPU backend
 (see `ffai_worker.native.blas`); import `ffai_worker` before `mlx` everywhere.
 `Engine` and its boundary types load lazily, so `from ffai_worker import Engine`
 still swaps the BLAS in before MLX loads.

@@ -254,6 +254,12 @@ def main() -> None:
 @click.option(
     "--log-level", type=LOG_LEVELS, default="warning", show_default=True, help="Logging threshold."
 )
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the OpenAI/Ollama HTTP API here (ffai-gateway as a child process).",
+)
 def serve(
     model: str | None,
     endpoint: str | None,
@@ -272,6 +278,7 @@ def serve(
     max_message_bytes: int,
     stream_interval_ms: float | None,
     log_level: str,
+    http: str | None,
 ) -> None:
     """Load a model and serve it on a ZeroMQ ROUTER socket until SIGTERM/SIGINT."""
     from ffai_worker.serving.server import ServerConfig, Worker
@@ -310,7 +317,16 @@ def serve(
         raise click.ClickException(f"cannot bind {endpoint}: {exc}") from None
     security = curve.describe() if curve is not None else _plain_security(endpoint)
     click.echo(f"ffai-worker: serving on {endpoint} ({security})", err=True)
-    worker.serve_forever()
+    gateway = None
+    if http is not None:
+        from ffai_worker.serving.gateway_child import start_gateway, stop_gateway
+
+        gateway = start_gateway(http, endpoint, allow_remote=insecure, curve=curve)
+    try:
+        worker.serve_forever()
+    finally:
+        if gateway is not None:
+            stop_gateway(gateway)
     _save_prompt_cache(engine)
     click.echo("ffai-worker: stopped", err=True)
 

@@ -106,9 +106,15 @@ MLX_FREE_SCRIPT = textwrap.dedent(
 def test_client_package_never_imports_mlx() -> None:
     result = run(sys.executable, "-c", MLX_FREE_SCRIPT)
     assert result.returncode == 0, result.stderr
-    # Every module of the package was imported, not just its __init__.
-    on_disk = {f"ffai_client.{f.stem}" for f in (REPO / "ffai_client").glob("*.py")}
-    assert set(result.stdout.split()) == on_disk - {"ffai_client.__init__"}
+    # Every module of the package (subpackages too) was imported, not just its __init__.
+    root = REPO / "ffai_client"
+    on_disk = {
+        ".".join(("ffai_client", *f.relative_to(root).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for f in root.rglob("*.py")
+    }
+    assert set(result.stdout.split()) == on_disk - {"ffai_client"}
 
 
 def test_unavailable_worker_exits_3() -> None:
@@ -179,6 +185,27 @@ def test_generate_without_stats_prints_no_stats(tinystories_worker: WorkerProces
     result = run(FFAI, "generate", "--endpoint", endpoint, "--max-tokens", "3", PROMPT)
     assert result.returncode == 0, result.stderr
     assert "[STATS]" not in result.stderr and "[STATS]" not in result.stdout
+
+
+def test_generate_logprobs_and_response_format(
+    tinystories_worker: WorkerProcess, engine: Any
+) -> None:
+    endpoint = tinystories_worker.endpoint
+    params = GenerationParameters(temperature=0.0, max_tokens=5, logprobs=2)
+    expected = engine.generate(PROMPT, parameters=params)
+    args = ["--temperature", "0", "--max-tokens", "5", "--logprobs", "2"]
+    result = run(FFAI, "generate", "--endpoint", endpoint, *args, PROMPT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(expected.logprobs or ()) == 5
+    for line, entry in zip(lines, expected.logprobs or (), strict=True):
+        assert line.split()[0] == f"{entry.logprob:.4f}" and f"({entry.token})" in line
+        assert line.count("|") == 1 and line.count(", ") >= 1  # two alternatives
+    fmt = '{"type": "choice", "choices": ["dragon", "castle"]}'
+    chosen = run(FFAI, "generate", "--endpoint", endpoint, "--response-format", fmt, PROMPT)
+    assert chosen.returncode == 0 and chosen.stdout.strip() in ("dragon", "castle"), chosen
+    bad = run(FFAI, "generate", "--endpoint", endpoint, "--response-format", "{nope", PROMPT)
+    assert bad.returncode == 2 and "response-format" in bad.stderr
 
 
 def test_request_error_exits_1(tinystories_worker: WorkerProcess) -> None:

@@ -203,6 +203,21 @@ def test_eviction_never_touches_what_a_running_sequence_uses(cold: Engine) -> No
         assert got[name] == cold.generate(**kwargs).generated_tokens, name
 
 
+def test_scored_prompts_are_never_served_from_the_cache(engine: Engine) -> None:
+    """prompt_logprobs needs every position's logits: a cached prefix has none."""
+    engine.generate(STORY, parameters=GREEDY)
+    scored = GenerationParameters(
+        temperature=0.0, max_tokens=4, stop_on_eos=False, prompt_logprobs=True
+    )
+    result = engine.generate(STORY + " and a cat", parameters=scored)
+    assert result.stats.cached_prompt_tokens == 0
+    assert result.prompt_logprobs is not None
+    assert len(result.prompt_logprobs) == result.stats.prompt_tokens - 1
+    # Its own prompt is cached all the same, for the requests after it.
+    again = engine.generate(STORY + " and a cat", parameters=GREEDY)
+    assert again.stats.cached_prompt_tokens == result.stats.prompt_tokens - 1
+
+
 def test_off_means_no_hits_and_zero_cached_tokens(cold: Engine) -> None:
     cold.generate(STORY, parameters=GREEDY)
     again = cold.generate(STORY, parameters=GREEDY)

@@ -24,6 +24,7 @@ from ffai_client.types import (
     GenerationChunk,
     GenerationParameters,
     GenerationStats,
+    TokenLogprob,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,7 @@ def typed(name: str, raw: Any) -> Any:
         "messages": lambda ms: [ChatMessage.from_dict(m) for m in ms],
         "stats": lambda s: GenerationStats(**s),
         "limits": lambda lim: p.Limits(**lim),
+        "logprobs": lambda lps: [TokenLogprob.from_dict(lp) for lp in lps],
     }
     return builders.get(name, lambda v: v)(raw)
 

@@ -25,8 +25,10 @@ from ffai_client.types import (
     GenerationChunk,
     GenerationParameters,
     GenerationResult,
+    ResultBuilder,
     check_prompt_input,
 )
+from ffai_worker.engine.constraints import ConstraintCompiler, ConstraintError
 from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.prefix_cache import PrefixCache
 from ffai_worker.engine.runner import ModelRunner
@@ -104,6 +106,7 @@ class Engine:
         self.runner = ModelRunner(
             model, self.cache, context_length=self.context_length, prefix=self.prefix
         )
+        self.constraints = ConstraintCompiler(tokenizer, _logits_width(model, tokenizer))
         self._local_ids = itertools.count()
         self._local: dict[RequestKey, deque[GenerationChunk]] = {}  # in-process streams' chunks
 
@@ -173,7 +176,15 @@ class Engine:
             assert messages is not None
             ids = self.render(messages, options)[1]
         self._check_limits(ids, params)
-        return EngineRequest(key=key, prompt_ids=ids, params=params, warm=warm)
+        constraint = None
+        if params.response_format is not None:
+            try:  # cached by content; the worker calls this on a preparation thread
+                constraint = self.constraints.compile(params.response_format)
+            except ConstraintError as exc:
+                raise RequestRejected("invalid_parameters", str(exc)) from None
+        return EngineRequest(
+            key=key, prompt_ids=ids, params=params, constraint=constraint, warm=warm
+        )
 
     def _checked_tokens(self, tokens: Seq[int]) -> list[int]:
         vocab = self.tokenizer.vocab_size
@@ -346,22 +357,12 @@ class Engine:
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
         """Collect `generate_stream` into one result."""
-        texts: list[str] = []
-        generated: list[int] = []
-        final: GenerationChunk | None = None
+        builder = ResultBuilder()
         for chunk in self.generate_stream(prompt, **kwargs):
-            texts.append(chunk.text)
-            generated.extend(chunk.tokens)
-            if chunk.is_final:
-                final = chunk
-        assert final is not None and final.stats is not None
-        return GenerationResult(
-            prompt_tokens=final.stats.prompt_tokens,
-            generated_tokens=generated,
-            text="".join(texts),
-            stats=final.stats,
-            finish_reason=final.finish_reason,
-        )
+            builder.add(chunk)
+        result = builder.result()
+        assert result is not None
+        return result
 
     # -- tokenizer and template services --------------------------------------
     def warm_up(self) -> None:
@@ -479,6 +480,12 @@ def _content_text(message: ChatMessage | dict[str, Any]) -> str:
         parts = (p.get("text") for p in content if isinstance(p, dict))
         return "".join(t for t in parts if isinstance(t, str))
     return ""
+
+
+def _logits_width(model: Any, tokenizer: Tokenizer) -> int:
+    """How many logits a step produces: the model's (maybe padded) vocabulary."""
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 0) or tokenizer.vocab_size)
 
 
 def _model_dtype(model: Any) -> mx.Dtype:

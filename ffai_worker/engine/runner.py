@@ -15,20 +15,21 @@ holds when it leaves (prompt and reply; a cancelled prompt's prefilled part).
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 
+from ffai_worker.engine.constraints import allowed_mask
 from ffai_worker.engine.decoder import BatchedDecoder
 from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.engine.logprobs import Draw, draw
 from ffai_worker.engine.prefill import prefill_group_logits
 from ffai_worker.engine.prefix_cache import PrefixCache
-from ffai_worker.engine.sampling import sample_batch
 from ffai_worker.engine.scheduler import PrefillChunk, Release, StepPlan
 from ffai_worker.engine.sequence import Sequence
 
-# A launched decode whose tokens are not read back yet: the rows it decoded, its tokens.
-Inflight = tuple[tuple[Sequence, ...], mx.array]
+# A launched decode whose tokens are not read back yet: the rows it decoded, its draw.
+Inflight = tuple[tuple[Sequence, ...], Draw]
 
 
 class ModelRunner:
@@ -126,14 +127,14 @@ class ModelRunner:
         slots = [_slot(s) for s in group]
         prompts = [list(s.prompt_ids) for s in group]
         logits = prefill_group_logits(self.model, self.cache, slots, prompts)
-        tokens = sample_batch([s.sampler for s in group], logits, [s.history for s in group])
-        mx.eval(tokens, self.cache.keys, self.cache.values)
+        drawn = _draw(group, logits)
+        mx.eval(*drawn.arrays(), self.cache.keys, self.cache.values)
         now = time.perf_counter()
         memory = mx.get_active_memory()
-        for seq, token in zip(group, _ints(tokens), strict=True):
+        for seq, token, logprob in zip(group, *drawn.read(), strict=True):
             seq.timings.prefill_started = t0
             seq.timings.prefill_busy_s += now - t0
-            seq.accept(token, now, self.context_length)
+            seq.accept(token, now, self.context_length, logprob)
             seq.timings.post_prefill_memory = memory
             self._remember(seq, _slot(seq), len(seq.prompt_ids))
 
@@ -145,7 +146,8 @@ class ModelRunner:
             seq.timings.prefill_started = t0
         views = self.cache.prefill_views(_slot(seq), start, size)
         inputs = mx.array([seq.prompt_ids[start : start + size]], dtype=mx.int32)  # (1, L)
-        if not chunk.completes or seq.warm:
+        scored = seq.params.prompt_logprobs
+        if (not chunk.completes or seq.warm) and not scored:
             # Only the cache matters for a middle chunk (or a warm-up): no logits.
             self.model(inputs, cache=views)
             mx.eval(self.cache.keys, self.cache.values)
@@ -154,14 +156,42 @@ class ModelRunner:
             if chunk.completes:
                 seq.finish_warm(now)  # its KV is remembered as its slot is released
             return
-        logits = self._last_logits(inputs, views)  # (1, V)
-        token = sample_batch([seq.sampler], logits, [seq.history])
-        mx.eval(token, self.cache.keys, self.cache.values)
+        if scored:
+            logits = self._scored_logits(seq, inputs, views, start)
+            if not chunk.completes or seq.warm:
+                now = time.perf_counter()
+                seq.timings.prefill_busy_s += now - t0
+                if chunk.completes:
+                    seq.finish_warm(now)  # a scored warm-up: its prompt logprobs, no token
+                return
+        else:
+            logits = self._last_logits(inputs, views)  # (1, V)
+        drawn = _draw((seq,), logits)
+        mx.eval(*drawn.arrays(), self.cache.keys, self.cache.values)
         now = time.perf_counter()
         seq.timings.prefill_busy_s += now - t0
-        seq.accept(_ints(token)[0], now, self.context_length)
+        tokens, logprobs = drawn.read()
+        seq.accept(tokens[0], now, self.context_length, logprobs[0])
         seq.timings.post_prefill_memory = mx.get_active_memory()
         self._remember(seq, _slot(seq), len(seq.prompt_ids))
+
+    def _scored_logits(
+        self, seq: Sequence, inputs: mx.array, views: list[Any], start: int
+    ) -> mx.array:
+        """A chunk's forward over every position: record the logprob of each next prompt
+        token (SPEC 6.6, raw logits) and return the last position's logits (1, V)."""
+        logits = self.model(inputs, cache=views)  # (1, L, V): the price of scoring
+        size = inputs.shape[1]
+        targets = seq.prompt_ids[start + 1 : start + size + 1]
+        scores: list[float] = []
+        if targets:
+            rows = logits[0, : len(targets)].astype(mx.float32)  # (T, V)
+            picked = mx.take_along_axis(rows, mx.array(targets)[:, None], axis=-1)[:, 0]
+            values = picked - mx.logsumexp(rows, axis=-1)
+            mx.eval(values, self.cache.keys, self.cache.values)
+            scores = values.tolist()
+        seq.prompt_logprobs = (seq.prompt_logprobs or []) + scores
+        return logits[:, -1, :]
 
     def _last_logits(self, inputs: mx.array, views: list[Any]) -> mx.array:
         # Project only the last position: the LM head over a whole chunk is wasted work.
@@ -187,46 +217,54 @@ class ModelRunner:
         if not decoding:
             return
         if inflight is not None:
-            inputs = inflight[1][:, None]  # (B, 1), still lazy
+            inputs = inflight[1].tokens[:, None]  # (B, 1), still lazy
         else:
             inputs = mx.array(
                 [[s.last_token if s in decoding else 0] for s in running], dtype=mx.int32
             )  # (B, 1)
-        tokens = self._forward(inputs, running, decoding)
+        logits = self._logits(inputs, running, decoding)
+        if inflight is not None and any(s.constraint is not None for s in decoding):
+            # A grammar needs last step's tokens consumed before its next mask: launch this
+            # forward, settle last step while it runs, then sample under the new masks.
+            mx.async_eval(logits, self.cache.keys, self.cache.values)
+            self._settle(inflight)
+            inflight = None
+        drawn = _draw(decoding, logits)
         if inflight is not None or self._pipelinable(decoding):
-            mx.async_eval(tokens, self.cache.keys, self.cache.values)
-            self._inflight = (decoding, tokens)
+            mx.async_eval(*drawn.arrays(), self.cache.keys, self.cache.values)
+            self._inflight = (decoding, drawn)
         else:
-            mx.eval(tokens, self.cache.keys, self.cache.values)
-            self._settle((decoding, tokens))
+            mx.eval(*drawn.arrays(), self.cache.keys, self.cache.values)
+            self._settle((decoding, drawn))
         if inflight is not None:
             self._settle(inflight)
 
     def _pipelinable(self, decoding: tuple[Sequence, ...]) -> bool:
-        # A penalty needs the previous token in its history before sampling.
+        # A penalty needs the previous token in its history before sampling is even
+        # built: such batches run in lockstep. (Grammars settle mid-step, see _decode.)
         return self.pipeline and not any(s.sampler.uses_history for s in decoding)
 
-    def _forward(
+    def _logits(
         self, inputs: mx.array, running: tuple[Sequence, ...], decoding: tuple[Sequence, ...]
     ) -> mx.array:
-        """Build (lazily) one decode step; return the sampled tokens (B_decoding,)."""
+        """Build (lazily) one decode forward; return the decoding rows' logits (B_dec, V)."""
         active = [s in decoding for s in running]
         logits = self.decoder(inputs, active)  # (B, V)
         if len(decoding) != len(running):
             rows = [i for i, ok in enumerate(active) if ok]
             logits = logits[mx.array(rows)]
-        return sample_batch([s.sampler for s in decoding], logits, [s.history for s in decoding])
+        return logits
 
     def _settle(self, step: Inflight) -> None:
         """Read a step's tokens back and hand each to its sequence."""
-        decoding, tokens = step
-        values = _ints(tokens)
+        decoding, drawn = step
+        tokens, logprobs = drawn.read()
         now = time.perf_counter()
-        for seq, token in zip(decoding, values, strict=True):
+        for seq, token, logprob in zip(decoding, tokens, logprobs, strict=True):
             if seq.finish_reason is not None:
                 continue  # finished (or cancelled) after this step was launched
             seq.timings.max_batch = max(seq.timings.max_batch, len(decoding))
-            seq.accept(token, now, self.context_length)
+            seq.accept(token, now, self.context_length, logprob)
 
     def _note_peaks(self, running: tuple[Sequence, ...]) -> None:
         peak = mx.get_peak_memory()
@@ -238,6 +276,19 @@ class ModelRunner:
                 t.decode_peak = max(t.decode_peak, peak)
 
 
+def _draw(seqs: tuple[Sequence, ...], logits: mx.array) -> Draw:
+    """Sample one token per row of logits (B, V), under each row's grammar mask if any."""
+    # A row that finished while this step was in flight only wastes its token: no mask.
+    constraints = [s.constraint if s.finish_reason is None else None for s in seqs]
+    allowed = None
+    if any(c is not None for c in constraints):
+        # The mask fill (llguidance threads, no GIL) overlaps the forward computing the logits.
+        mx.async_eval(logits)
+        allowed = allowed_mask(constraints, logits.shape[-1])
+    samplers = [s.sampler for s in seqs]
+    return draw(samplers, logits, [s.history for s in seqs], allowed)
+
+
 def _unfinished(seqs: tuple[Sequence, ...]) -> tuple[Sequence, ...]:
     return tuple(s for s in seqs if s.finish_reason is None)
 
@@ -245,8 +296,3 @@ def _unfinished(seqs: tuple[Sequence, ...]) -> tuple[Sequence, ...]:
 def _slot(seq: Sequence) -> int:
     assert seq.slot is not None, "a sequence the plan runs holds a slot"
     return seq.slot
-
-
-def _ints(tokens: mx.array) -> list[int]:
-    """Read sampled token ids (1-D, int32) back from MLX."""
-    return cast(list[int], tokens.tolist())

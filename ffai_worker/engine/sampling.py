@@ -168,6 +168,7 @@ class Sampler:
         self.repetition_context_size = params.repetition_context_size
         self.presence_penalty = params.presence_penalty
         self.frequency_penalty = params.frequency_penalty
+        self.logprobs = params.logprobs  # alternatives to report per token; None: no logprobs
         self.uses_history = (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0
@@ -177,6 +178,7 @@ class Sampler:
         self._bias_ids, self._bias_values, self._forced, self._has_ban = _split_bias(
             params.logit_bias
         )
+        self.has_no_bias = self._bias_ids is None
         # Batchable: the engine may argmax all such rows in one op.
         self.is_greedy_fast = self.greedy and not self.uses_history and not params.logit_bias
         seed = params.seed

@@ -172,8 +172,8 @@ class Scheduler:
         return tuple(admitted)
 
     def _plan_hit(self, seq: Sequence) -> None:
-        if self.prefix is None:
-            return
+        if self.prefix is None or seq.params.prompt_logprobs:
+            return  # a scored prompt needs the logits of every position: no cached ones
         hit = self.prefix.match(seq.prompt_ids, len(seq.prompt_ids) - 1)
         if hit is not None:
             seq.prefix_hit = hit
@@ -216,6 +216,8 @@ class Scheduler:
                 continue
             if seq.prefilled or seq.warm or seq.params.prefill_step_size is not None:
                 continue  # a hit, a warm-up (no logits) or a caller's chunking: the chunk path
+            if seq.params.prompt_logprobs:
+                continue  # scored prompts need every position's logits: the chunked path
             width = max(longest, len(seq.prompt_ids))
             if width * (len(group) + 1) > budget:  # padded rows cost work too
                 break

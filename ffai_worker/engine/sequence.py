@@ -7,11 +7,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ffai_client.types import GenerationChunk, GenerationParameters, GenerationStats
+from ffai_client.types import (
+    GenerationChunk,
+    GenerationParameters,
+    GenerationStats,
+    TokenLogprob,
+    TopLogprob,
+)
 from ffai_worker.engine.timings import Timings
 from ffai_worker.engine.types import RequestKey
 
 if TYPE_CHECKING:
+    from ffai_worker.engine.constraints import Constraint
     from ffai_worker.engine.prefix_cache import PrefixHit
     from ffai_worker.engine.sampling import Sampler, TokenHistory
     from ffai_worker.text.tokenizer import StreamingDetokenizer, Tokenizer
@@ -33,7 +40,12 @@ class EngineRequest:
     key: RequestKey  # unique among live requests
     prompt_ids: list[int]
     params: GenerationParameters
+    constraint: Constraint | None = None  # compiled response_format, in its start state
     warm: bool = False  # prefill only: no token, the prompt's KV stays in the prefix cache
+
+
+# A sampled token's logprob and its top alternatives as (id, logprob), read back from MLX.
+RawLogprob = tuple[float, list[tuple[int, float]]]
 
 
 class Phase(enum.Enum):
@@ -87,6 +99,7 @@ class Sequence:
         history: TokenHistory,
         detokenizer: StreamingDetokenizer,
         stop_ids: set[int],
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.request = request
         self.key = request.key
@@ -97,6 +110,10 @@ class Sequence:
         self.detokenizer = detokenizer
         self.stop_ids = stop_ids
         self.stops = StopStringMatcher(request.params.stop)
+        self.constraint = request.constraint
+        self.tokenizer = tokenizer  # for the text of logprob entries
+        self.pending_logprobs: list[TokenLogprob] | None = None  # for the next chunk
+        self.prompt_logprobs: list[float] | None = None  # set by prefill; sent once
         self.generated: list[int] = []
         self.phase = Phase.WAITING
         self.prefilled = 0  # prompt tokens already in the KV cache
@@ -117,18 +134,24 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated[-1]
 
-    def accept(self, token: int, now: float, context_length: int) -> None:
+    def accept(
+        self, token: int, now: float, context_length: int, logprob: RawLogprob | None = None
+    ) -> None:
         """Record one sampled token, emit its text, and decide whether to stop."""
         self.generated.append(token)
         self.history.append(token)
         self.timings.on_token(now, len(self.generated))
+        if logprob is not None:
+            self.pending_logprobs = [self._token_logprob(token, logprob)]
         if token in self.stop_ids:
             self._emit(self._flush_text(), [token])
             self.finish_reason = "stop"
             return
+        # A grammar that cannot go on ends the sequence like a stop token (finish "stop").
+        complete = self.constraint is not None and self.constraint.advance(token)
         text, matched = self.stops.feed(self.detokenizer.add(token))
-        if matched:
-            self._emit(text, [token])
+        if matched or complete:
+            self._emit(text + (self._flush_text() if complete and not matched else ""), [token])
             self.finish_reason = "stop"
             return
         if len(self.generated) >= self.params.max_tokens or self.position >= context_length:
@@ -136,12 +159,31 @@ class Sequence:
             self.finish_reason = "length"
         self._emit(text, [token])
 
+    def _token_logprob(self, token: int, raw: RawLogprob) -> TokenLogprob:
+        assert self.tokenizer is not None, "a sequence asked for logprobs knows its tokenizer"
+        text = self.tokenizer.token_text
+        top = [TopLogprob(token=t, text=text(t), logprob=lp) for t, lp in raw[1]]
+        return TokenLogprob(token=token, text=text(token), logprob=raw[0], top=top)
+
     def _flush_text(self) -> str:
         text, matched = self.stops.feed(self.detokenizer.flush())
         return text if matched else text + self.stops.flush()
 
     def _emit(self, text: str, tokens: list[int]) -> None:
-        self.outbox.append(GenerationChunk(text=text, tokens=tokens, position=self.position))
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = (self.pending_logprobs or []) if tokens else []
+            self.pending_logprobs = None
+        prompt, self.prompt_logprobs = self.prompt_logprobs, None
+        self.outbox.append(
+            GenerationChunk(
+                text=text,
+                tokens=tokens,
+                position=self.position,
+                logprobs=logprobs,
+                prompt_logprobs=prompt,
+            )
+        )
 
     def finish_cancelled(self) -> None:
         """End at a token boundary; text already decoded but held back still goes out."""
@@ -192,6 +234,5 @@ def new_sequence(
         params, vocab_size=tokenizer.vocab_size, default_temperature=default_temperature
     )
     history = TokenHistory(request.prompt_ids)
-    return Sequence(
-        request, sampler, history, StreamingDetokenizer(tokenizer, request.prompt_ids), stop_ids
-    )
+    detokenizer = StreamingDetokenizer(tokenizer, request.prompt_ids)
+    return Sequence(request, sampler, history, detokenizer, stop_ids, tokenizer)

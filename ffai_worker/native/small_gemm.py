@@ -1,43 +1,37 @@
-"""The small-M matmul kernel (`kernels/small_gemm.c`): build once, load before the BLAS.
+"""The native BLAS shim and its small-M matmul kernel (`kernels/small_gemm.c`).
 
-MLX's CPU backend calls `cblas_sgemm` even for a decode step's few rows, and
-OpenBLAS's sgemm repacks the whole weight matrix on every call (see the C file
-for figures). The kernel defines its own `cblas_sgemm`: loaded with
-RTLD_GLOBAL *before* the real BLAS, it is the one libmlx binds to; it takes
-row-major `A @ B^T` products with at most `FFAI_SMALL_GEMM` rows (default 16)
-and hands every other call to the real library.
-
-It is compiled with the system C compiler on first use (about a second) into
-`~/.cache/ffai/kernels/`, keyed by the source, the flags and the CPU, like
-MLX's own compiled CPU kernels. No compiler, or `FFAI_SMALL_GEMM=0`: the
-worker runs on the BLAS alone and says so. This module must not import mlx.
+`ffai_worker/native/_kernels*.so` is built at install time by setuptools (see setup.py);
+nothing is compiled at import. `blas.py` loads it with RTLD_GLOBAL before mlx, so
+libmlx's `cblas_sgemm` / `cblas_dgemm` / `cblas_cgemm` bind to it, and hands it the
+chosen BLAS's functions to forward to (MLX has no other way to be given a BLAS).
+Row-major `A @ B^T` products with at most `FFAI_SMALL_GEMM` rows (default 16) run
+on the kernel, every other call on the BLAS. The kernel's instruction set (AVX-512,
+AVX2, NEON, generic) is picked at run time; `FFAI_SMALL_GEMM_ISA` forces one.
+This module must not import mlx.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import importlib.machinery
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_VAR = "FFAI_SMALL_GEMM"
+ISA_ENV = "FFAI_SMALL_GEMM_ISA"
 DEFAULT_ROWS = 16
-SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=c11"]
+PACKAGE_DIR = Path(__file__).parent
 
 
 @dataclass(frozen=True)
 class SmallGemm:
-    """The loaded kernel, or why there is none."""
+    """The loaded shim's small-M kernel, or why it does not run."""
 
     lib: ctypes.CDLL | None
     rows: int = 0
     threads: int = 0
+    isa: str = ""
     detail: str = ""
 
     def calls(self) -> tuple[int, int]:
@@ -62,68 +56,54 @@ def wanted_rows() -> int:
         return DEFAULT_ROWS
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ffai" / "kernels"
+def library_path() -> Path | None:
+    """The shim built at install time, if the build had a C compiler."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = PACKAGE_DIR / f"_kernels{suffix}"
+        if path.exists():
+            return path
+    return None
 
 
-def _cpu_key() -> str:
-    # -march=native code is only valid on the CPU it was built for.
+def load_shim() -> ctypes.CDLL | str:
+    """Load the shim globally (it then defines libmlx's cblas_* symbols), or say why not."""
+    path = library_path()
+    if path is None:
+        return "native kernels not built (the install had no C compiler; reinstall with one)"
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(dict.fromkeys(lines))
-    except OSError:
-        return platform.processor() or platform.machine()
+        return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        return f"native kernels failed to load: {exc}"
 
 
-def build(compiler: str) -> Path:
-    """The kernel's shared library, compiled now unless the cache has it."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()
-    target = _cache_dir() / f"small_gemm-{key[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        subprocess.run(
-            [compiler, *FLAGS, "-o", str(out), str(SOURCE)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(out, target)  # atomic: concurrent workers never load half a file
-    return target
-
-
-def load_before_blas() -> SmallGemm:
-    """Build and load the kernel (RTLD_GLOBAL); call `attach` once the real BLAS is loaded."""
+def start(shim: ctypes.CDLL, blas: ctypes.CDLL, prefix: str) -> SmallGemm:
+    """Point the shim at the real BLAS's `{prefix}cblas_*gemm` and set up the kernel."""
+    pointers = [
+        ctypes.cast(getattr(blas, f"{prefix}cblas_{t}gemm"), ctypes.c_void_p) for t in "sdc"
+    ]
+    init = shim.ffai_blas_init
+    init.argtypes = [ctypes.c_void_p] * 3
+    if init(*pointers) != 0:
+        raise OSError("the BLAS lacks one of cblas_sgemm, cblas_dgemm, cblas_cgemm")
     rows = wanted_rows()
-    if rows == 0:
-        return SmallGemm(None, detail=f"{ENV_VAR}=0")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return SmallGemm(None, detail="no C compiler to build it")
-    try:
-        path = build(compiler)
-        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return SmallGemm(None, detail=f"build failed: {exc}")
-    return SmallGemm(lib, rows=rows)
-
-
-def attach(kernel: SmallGemm, blas: ctypes.CDLL) -> SmallGemm:
-    """Point the kernel at the real `cblas_sgemm` and start its threads."""
-    if kernel.lib is None:
-        return kernel
-    real = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p).value
-    init = kernel.lib.ffai_small_gemm_init
-    init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    try:  # tests force a pool on a one-core machine
+        threads = int(os.environ.get("FFAI_SMALL_GEMM_THREADS", threads))
+    except ValueError:
+        pass
     try:  # the smallest weight taken, in elements; tests lower it to reach every path
         smallest = int(os.environ.get("FFAI_SMALL_GEMM_MIN_ELEMENTS", "-1"))
     except ValueError:
         smallest = -1
-    started = int(init(real, kernel.rows, max(1, min(threads, 16)), smallest))
-    return SmallGemm(kernel.lib, kernel.rows, started, f"M<={kernel.rows}, {started} threads")
+    isa = os.environ.get(ISA_ENV, "").strip().lower()
+    kernel_init = shim.ffai_small_gemm_init
+    kernel_init.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    started = int(kernel_init(rows, max(1, min(threads, 16)), smallest, isa.encode()))
+    if started < 0:  # an ISA this CPU or build lacks: the best one instead
+        started = int(kernel_init(rows, max(1, min(threads, 16)), smallest, b""))
+    name_fn = shim.ffai_small_gemm_isa
+    name_fn.restype = ctypes.c_char_p
+    name = (name_fn() or b"?").decode()
+    if rows == 0:
+        return SmallGemm(shim, 0, 0, name, f"off ({ENV_VAR}=0)")
+    return SmallGemm(shim, rows, started, name, f"M<={rows}, {started} threads, {name}")

@@ -38,12 +38,13 @@ def write_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
 class ClientAllowList:
     """ZAP credentials provider: a client key is allowed when its `*.key` file is in `directory`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, also: frozenset[bytes] = frozenset()) -> None:
         self.directory = directory
+        self.also = also  # keys allowed whatever the folder holds (the worker's own)
 
     def allowed_keys(self) -> set[bytes]:
         try:
-            return set(zmq.auth.load_certificates(str(self.directory)))
+            return set(zmq.auth.load_certificates(str(self.directory))) | self.also
         except (OSError, ValueError) as exc:
             log.error("cannot read the CurveZMQ client keys in %s: %s", self.directory, exc)
             return set()
@@ -63,6 +64,7 @@ class CurveServer:
     """The worker's key pair and, while it serves, the authenticator thread."""
 
     def __init__(self, secret_file: str, clients_dir: str | None) -> None:
+        self.secret_file = secret_file
         self.public, self.secret = load_key_pair(secret_file)
         self.clients_dir = Path(clients_dir) if clients_dir else None
         self._auth: ThreadAuthenticator | None = None

@@ -195,4 +195,11 @@ class Outbox:
 
 
 def _coalesce(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
-    return GenerationChunk(text=a.text + b.text, tokens=a.tokens + b.tokens, position=b.position)
+    logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
+    return GenerationChunk(
+        text=a.text + b.text,
+        tokens=a.tokens + b.tokens,
+        position=b.position,
+        logprobs=logprobs,
+        prompt_logprobs=a.prompt_logprobs,  # only a request's first chunk has them
+    )

@@ -293,6 +293,7 @@ class Worker:
 
         long = (
             msg.messages is not None
+            or msg.params.response_format is not None  # a grammar compile: off the actor
             or len(msg.prompt or "") > INLINE_TEXT_CHARS
             or len(msg.tokens or ()) > INLINE_TOKENS
         )

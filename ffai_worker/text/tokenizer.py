@@ -136,6 +136,7 @@ class Tokenizer:
         decoder = backend.decoder
         self.decoder_types = _decoder_types(json.loads(decoder.__getstate__()) if decoder else None)
         self.token_classes = self._classify_tokens(added)
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def from_folder(
@@ -202,6 +203,15 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_text(self, token: int) -> str:
+        """One token's text alone, special tokens included (for logprob entries)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.backend.decode(
+                [token], skip_special_tokens=False
+            )
         return text
 
     def token_to_id(self, token: str | None) -> int | None:

@@ -23,6 +23,8 @@ from ffai_client.types import (
     ChatTemplateOptions,
     GenerationParameters,
     GenerationStats,
+    TokenLogprob,
+    TopLogprob,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -170,6 +172,58 @@ CLIENT_FRAMES: list[tuple[str, str, p.ClientMessage]] = [
             ),
         ),
     ),
+    (
+        "generate_json_schema",
+        "structured output: OpenAI's json_schema response_format, with logprobs",
+        p.Generate(
+            id="json-11",
+            prompt="A person as JSON:",
+            params=GenerationParameters(
+                max_tokens=64,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "person",
+                        "strict": True,
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string", "maxLength": 20},
+                                "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                            },
+                            "required": ["name", "age"],
+                            "additionalProperties": False,
+                        },
+                    },
+                },
+                logprobs=2,
+            ),
+        ),
+    ),
+    (
+        "generate_choice",
+        "a choice constraint, greedy, with prompt logprobs",
+        p.Generate(
+            id="choice-12",
+            prompt="Is the sky blue? Answer:",
+            params=GenerationParameters(
+                temperature=0.0,
+                response_format={"type": "choice", "choices": [" yes", " no"]},
+                prompt_logprobs=True,
+            ),
+        ),
+    ),
+    (
+        "generate_regex",
+        "a regex constraint",
+        p.Generate(
+            id="re-13",
+            prompt="Date:",
+            params=GenerationParameters(
+                response_format={"type": "regex", "pattern": "[0-9]{4}-[0-9]{2}-[0-9]{2}"}
+            ),
+        ),
+    ),
     ("cancel", "cancel a generate", p.Cancel(id="chat-5")),
     ("ping", "ping with an id", p.Ping(id="p1")),
     ("ping_no_id", "the client watchdog's id-less ping", p.Ping()),
@@ -247,6 +301,44 @@ WORKER_FRAMES: list[tuple[str, str, p.WorkerMessage]] = [
         "chunk_text_only",
         "text held back for a possible stop string, released without new tokens",
         p.Chunk(id="params-4", text=" The", tokens=[], position=40),
+    ),
+    (
+        "chunk_logprobs",
+        "a chunk of a request with logprobs=2: one entry per token, alternatives most likely first",
+        p.Chunk(
+            id="json-11",
+            text='{"name',
+            tokens=[5018, 609],
+            position=8,
+            logprobs=[
+                TokenLogprob(
+                    token=5018,
+                    text='{"',
+                    logprob=-0.25,
+                    top=[
+                        TopLogprob(token=5018, text='{"', logprob=-0.25),
+                        TopLogprob(token=90, text="{", logprob=-1.5),
+                    ],
+                ),
+                TokenLogprob(
+                    token=609,
+                    text="name",
+                    logprob=-0.0078125,
+                    top=[TopLogprob(token=609, text="name", logprob=-0.0078125)],
+                ),
+            ],
+        ),
+    ),
+    (
+        "chunk_prompt_logprobs",
+        "the first chunk of a request with prompt_logprobs: prompt tokens 2..n",
+        p.Chunk(
+            id="choice-12",
+            text=" yes",
+            tokens=[10035],
+            position=8,
+            prompt_logprobs=[-7.5, -3.25, -0.5, -11.0, -2.0, -0.125],
+        ),
     ),
     (
         "chunk_final_length",
@@ -539,6 +631,14 @@ INVALID_FRAMES: dict[str, list[tuple[str, bytes, str | None]]] = {
         ("logit_bias value as str", _gp(logit_bias={"5": "1"}), "x"),
         ("empty stop string", _gp(stop=[""]), "x"),
         ("stop_on_eos = 0", _gp(stop_on_eos=0), "x"),
+        ("response_format of an unknown type", _gp(response_format={"type": "yaml"}), "x"),
+        ("regex without pattern", _gp(response_format={"type": "regex"}), "x"),
+        ("json_schema without a schema", _gp(response_format={"type": "json_schema"}), "x"),
+        ("choice with no choices", _gp(response_format={"type": "choice", "choices": []}), "x"),
+        ("response_format as str", _gp(response_format="json"), "x"),
+        ("logprobs = 21", _gp(logprobs=21), "x"),
+        ("logprobs = -1", _gp(logprobs=-1), "x"),
+        ("prompt_logprobs = 1", _gp(prompt_logprobs=1), "x"),
     ],
 }
 

@@ -1,50 +1,47 @@
-/* Decode-shaped float32 matmuls for MLX's CPU backend: C = alpha * A @ B^T + beta * C
- * with A (M, K) a few activation rows and B (N, K) a weight matrix, row-major.
+/* The BLAS shim MLX's CPU backend calls on Linux, with a decode-shaped sgemm in front.
  *
- * Why: MLX calls cblas_sgemm for every matmul. OpenBLAS 0.3.21's sgemm packs the
- * whole weight matrix into panels before multiplying, so a decode step (M = 1..16
- * rows) streams each weight about three times; measured on a 545 MB (151936, 896)
- * LM head, 2-core Xeon: sgemm M=1 74.6 ms, M=8 108 ms, against 28.8 ms for one
- * sgemv. Here each weight row is read once from memory and dotted with all M
- * activation rows while it sits in L1, so a step costs about one pass over the
- * weights whatever M is. Every output is the same dot product in the same order
- * whatever M is or how rows are split over threads, so a sequence's logits do not
- * depend on what it is batched with.
+ * Why a shim: libmlx (the Linux `mlx[cpu]` wheel) calls `cblas_sgemm`, `cblas_dgemm`
+ * and `cblas_cgemm` itself, bound by the dynamic linker to the reference BLAS the
+ * wheel bundles. MLX has no hook to pass it another BLAS, and matmuls are written
+ * as `a @ b` all through the model code, so the one way to change what they run is
+ * to define those symbols in a library that is earlier in the global scope:
+ * ffai_worker/native/blas.py loads this library with RTLD_GLOBAL before mlx is imported.
+ * The interposition is confined here: this library defines only those three
+ * symbols, and forwards each to function pointers it is handed by blas.py (the
+ * system OpenBLAS, or the `scipy-openblas32` wheel whose symbols carry a
+ * `scipy_` prefix and so cannot be bound to directly).
  *
- * Loaded (RTLD_GLOBAL, before the real BLAS) by ffai_worker/blas.py, which hands
- * over the real cblas_sgemm for every other shape. No dependencies but pthreads.
+ * Why the small-M path: OpenBLAS's sgemm packs the whole weight matrix into panels
+ * before multiplying, so a decode step (M = 1..16 rows) streams each weight about
+ * three times; measured on a 545 MB (151936, 896) LM head, 2-core Xeon: sgemm M=1
+ * 74.6 ms, M=8 108 ms, against 28.8 ms for one sgemv. Here each weight row is read
+ * once from memory and dotted with all M activation rows while it sits in L1.
+ *
+ * Built at install time by setuptools (no compiler at import). The tiles are
+ * compiled once per instruction set with function target attributes and chosen at
+ * run time with __builtin_cpu_supports. No dependencies but pthreads.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
+
+#define EXPORT __attribute__((visibility("default"))) /* built with -fvisibility=hidden */
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 enum { MAX_ROWS = 32, MAX_THREADS = 64 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
                          const float *, int, float, float *, int);
-typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
-
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ volatile("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
-static sgemm_fn real_sgemm;
-static int max_rows = 16;
-static long min_parallel = 1 << 16; /* N * K elements below which one thread does it */
-/* Weights under ~1 MB sit in cache, where OpenBLAS's packed AVX-512 kernels win. */
-static long min_elements = 1 << 18;
-static int n_threads = 1;      /* threads running, the caller included */
-static int wanted_threads = 1; /* threads to start on first use */
-static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
-static atomic_long calls_taken, calls_passed;
+typedef void (*dgemm_fn)(int, int, int, int, int, int, double, const double *, int,
+                         const double *, int, double, double *, int);
+typedef void (*cgemm_fn)(int, int, int, int, int, int, const void *, const void *, int,
+                         const void *, int, const void *, void *, int);
 
 struct job {
     int M, N, K, lda, ldb, ldc;
@@ -53,78 +50,113 @@ struct job {
     float *C;
 };
 
-#define LOAD(p) (*(const v8 *)(p))
-
-/* Explicit FMA where the CPU has it; the build turns implicit contraction off, so
- * every tile rounds the same way. */
-#if defined(__FMA__) && defined(__AVX__)
-#include <immintrin.h>
-static inline v8 fmadd(v8 a, v8 b, v8 c) {
-    return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-}
-#else
-static inline v8 fmadd(v8 a, v8 b, v8 c) { return a * b + c; }
-#endif
-
-static inline float hsum(v8 s) {
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
-
-/* A tile of NB weight rows x MB activation rows. Each output has one accumulator
- * summed over k in order, then the same horizontal sum and scalar tail: identical
- * arithmetic whichever tile computes it. Loads per FMA fall as tiles grow. */
-#define TILE(NB, MB)                                                                    \
-    static void tile_##NB##_##MB(const struct job *j, int n, int m) {                  \
-        const float *A = j->A + (size_t)m * j->lda, *W = j->B + (size_t)n * j->ldb;    \
-        v8 s[NB][MB];                                                                   \
-        for (int r = 0; r < NB; r++)                                                    \
-            for (int c = 0; c < MB; c++) s[r][c] = (v8){0};                             \
-        int k = 0;                                                                      \
-        for (; k + 8 <= j->K; k += 8) {                                                 \
-            v8 a[MB];                                                                   \
-            for (int c = 0; c < MB; c++) a[c] = LOAD(A + (size_t)c * j->lda + k);       \
-            for (int r = 0; r < NB; r++) {                                              \
-                v8 w = LOAD(W + (size_t)r * j->ldb + k);                                \
-                for (int c = 0; c < MB; c++) s[r][c] = fmadd(a[c], w, s[r][c]);        \
-            }                                                                           \
-        }                                                                               \
-        for (int r = 0; r < NB; r++)                                                    \
-            for (int c = 0; c < MB; c++) {                                              \
-                float t = hsum(s[r][c]);                                                \
-                for (int i = k; i < j->K; i++)                                          \
-                    t += A[(size_t)c * j->lda + i] * W[(size_t)r * j->ldb + i];         \
-                store(j, n + r, m + c, t);                                              \
-            }                                                                           \
-    }
-
 static inline void store(const struct job *j, int n, int m, float value) {
     float *c = j->C + (size_t)m * j->ldc + n;
     value *= j->alpha;
     *c = j->beta == 0.0f ? value : value + j->beta * *c;
 }
 
-TILE(4, 4)
-TILE(4, 1)
-TILE(1, 4)
-TILE(1, 1)
+/* ---- tiles, one set per instruction set -------------------------------------------- */
 
-static void run_rows(const struct job *j, int n0, int n1) {
-    int n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        int m = 0;
-        for (; m + 4 <= j->M; m += 4) tile_4_4(j, n, m);
-        for (; m < j->M; m++) tile_4_1(j, n, m);
-    }
-    for (; n < n1; n++) {
-        int m = 0;
-        for (; m + 4 <= j->M; m += 4) tile_1_4(j, n, m);
-        for (; m < j->M; m++) tile_1_1(j, n, m);
-    }
-}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CPU_RELAX() __builtin_ia32_pause()
 
-/* A small pool: workers spin briefly on a generation counter, then sleep. The spin
- * covers the gap between a decode step's matmuls without holding a core for long
- * after the step (prefill's OpenBLAS threads want both cores). */
+#define VARIANT avx512
+#define TARGET __attribute__((target("avx512f,fma")))
+#define VW 16
+#define FMADD(a, b, c) ((vec_avx512)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+#include "small_gemm_tiles.h"
+#undef VARIANT
+#undef TARGET
+#undef VW
+#undef FMADD
+
+#define VARIANT avx2
+#define TARGET __attribute__((target("avx2,fma")))
+#define VW 8
+#define FMADD(a, b, c) ((vec_avx2)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#include "small_gemm_tiles.h"
+#undef VARIANT
+#undef TARGET
+#undef VW
+#undef FMADD
+#define HAVE_X86_VARIANTS 1
+
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define CPU_RELAX() __asm__ volatile("yield")
+/* NEON is part of the aarch64 baseline: one variant, fused multiply-add. */
+#define VARIANT neon
+#define TARGET
+#define VW 4
+#define FMADD(a, b, c) ((vec_neon)vfmaq_f32((float32x4_t)(c), (float32x4_t)(a), (float32x4_t)(b)))
+#include "small_gemm_tiles.h"
+#undef VARIANT
+#undef TARGET
+#undef VW
+#undef FMADD
+
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* The portable variant: plain vector arithmetic, unfused (the build turns implicit
+ * contraction off, so every tile rounds the same way). */
+#define VARIANT generic
+#define TARGET
+#define VW 8
+#define FMADD(a, b, c) ((a) * (b) + (c))
+#include "small_gemm_tiles.h"
+#undef VARIANT
+#undef TARGET
+#undef VW
+#undef FMADD
+
+typedef void (*rows_fn)(const struct job *, int, int);
+
+struct variant {
+    const char *name;
+    rows_fn run;
+    int (*supported)(void);
+};
+
+static int always(void) { return 1; }
+#ifdef HAVE_X86_VARIANTS
+static int has_avx512(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"); }
+static int has_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#endif
+
+/* Best first. */
+static const struct variant variants[] = {
+#ifdef HAVE_X86_VARIANTS
+    {"avx512", run_rows_avx512, has_avx512},
+    {"avx2", run_rows_avx2, has_avx2},
+#endif
+#ifdef __aarch64__
+    {"neon", run_rows_neon, always},
+#endif
+    {"generic", run_rows_generic, always},
+};
+
+/* ---- state ------------------------------------------------------------------------- */
+
+static sgemm_fn real_sgemm;
+static dgemm_fn real_dgemm;
+static cgemm_fn real_cgemm;
+static rows_fn run_rows = run_rows_generic;
+static const char *isa = "generic";
+static int max_rows = 16;
+static long min_parallel = 1 << 16; /* N * K elements below which one thread does it */
+/* Weights under ~1 MB sit in cache, where OpenBLAS's packed kernels win. */
+static long min_elements = 1 << 18;
+static atomic_long calls_taken, calls_passed;
+
+/* ---- thread pool ------------------------------------------------------------------- */
+
+/* Workers spin briefly on a generation counter, then sleep. The spin covers the gap
+ * between a decode step's matmuls without holding a core for long after the step
+ * (prefill's OpenBLAS threads want both cores). */
 #define SPIN_SECONDS 200e-6
 
 static double seconds(void) {
@@ -133,7 +165,10 @@ static double seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static pthread_t workers[MAX_THREADS];
+static int n_threads = 1;      /* threads running, the caller included */
+static int wanted_threads = 1; /* threads to start on first use */
+static atomic_int pool_started;
+static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static const struct job *current;
@@ -149,9 +184,11 @@ static void split(int part, int parts, int N, int *n0, int *n1) {
     if (*n1 > N) *n1 = N;
 }
 
+static long start_generation; /* the generation workers see as done when they start */
+
 static void *worker_main(void *arg) {
     int part = (int)(intptr_t)arg;
-    long seen = 0;
+    long seen = start_generation; /* written before pthread_create, which orders it */
     for (;;) {
         long gen = atomic_load_explicit(&generation, memory_order_acquire);
         double until = seconds() + SPIN_SECONDS;
@@ -174,6 +211,23 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* Threads start with the first product big enough to share: a process that never
+ * runs one (a client, a tiny model) never has them. */
+static void start_pool(void) {
+    pthread_mutex_lock(&start_lock);
+    if (!atomic_load(&pool_started)) {
+        start_generation = atomic_load(&generation);
+        for (int t = 1; t < wanted_threads; t++) {
+            pthread_t thread;
+            if (pthread_create(&thread, NULL, worker_main, (void *)(intptr_t)t) != 0) break;
+            pthread_detach(thread);
+            n_threads = t + 1;
+        }
+        atomic_store(&pool_started, 1);
+    }
+    pthread_mutex_unlock(&start_lock);
+}
+
 static void run_parallel(const struct job *j) {
     current = j;
     atomic_store(&pending, n_threads - 1);
@@ -187,33 +241,82 @@ static void run_parallel(const struct job *j) {
     while (atomic_load_explicit(&pending, memory_order_acquire) > 0) CPU_RELAX();
 }
 
-/* Called once by blas.py: the real sgemm, the largest M taken, the thread count, and
- * the smallest weight (N * K elements) taken. */
-int ffai_small_gemm_init(sgemm_fn fallback, int rows, int threads, long smallest) {
-    real_sgemm = fallback;
+/* fork(): a child has only the forking thread, so the pool's workers are gone. Before
+ * the fork no product may be in flight (it would be half done in the child); after
+ * it the child forgets the pool and starts a fresh one on its first shared product. */
+static void before_fork(void) {
+    while (atomic_flag_test_and_set(&pool_busy)) CPU_RELAX();
+    pthread_mutex_lock(&start_lock);
+    pthread_mutex_lock(&lock);
+}
+
+static void after_fork_parent(void) {
+    pthread_mutex_unlock(&lock);
+    pthread_mutex_unlock(&start_lock);
+    atomic_flag_clear(&pool_busy);
+}
+
+static void after_fork_child(void) {
+    pthread_mutex_unlock(&lock);
+    pthread_mutex_unlock(&start_lock);
+    pthread_cond_init(&wake, NULL); /* its waiters were the parent's threads */
+    n_threads = 1;
+    atomic_store(&pending, 0);
+    atomic_store(&pool_started, 0);
+    atomic_flag_clear(&pool_busy);
+}
+
+/* ---- entry points ------------------------------------------------------------------ */
+
+/* Called once by blas.py before mlx is imported: the real BLAS's three gemms. */
+EXPORT int ffai_blas_init(sgemm_fn sgemm, dgemm_fn dgemm, cgemm_fn cgemm) {
+    if (!sgemm || !dgemm || !cgemm) return -1;
+    real_sgemm = sgemm;
+    real_dgemm = dgemm;
+    real_cgemm = cgemm;
+    return 0;
+}
+
+/* The small-M path: the largest M taken (0: off), the thread count, the smallest
+ * weight (N * K elements) taken (-1: default), and the instruction set ("" or NULL:
+ * the best this CPU has). Returns the threads it will use, or -1 for an ISA this
+ * CPU or build lacks. */
+EXPORT int ffai_small_gemm_init(int rows, int threads, long smallest, const char *want) {
+    const struct variant *chosen = NULL;
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++) {
+        int named = want && *want && strcmp(want, variants[i].name) == 0;
+        if ((named || !(want && *want)) && variants[i].supported()) {
+            chosen = &variants[i];
+            break;
+        }
+    }
+    if (!chosen) return -1;
+    run_rows = chosen->run;
+    isa = chosen->name;
     if (smallest >= 0) min_elements = smallest;
     max_rows = rows < 0 ? 0 : (rows > MAX_ROWS ? MAX_ROWS : rows);
     wanted_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    static int registered;
+    if (!registered && wanted_threads > 1)
+        registered = pthread_atfork(before_fork, after_fork_parent, after_fork_child) == 0;
     return wanted_threads;
 }
 
-/* Threads start with the first product big enough to share: a process that never
- * runs one (a client, a tiny model) never has them. */
-static void start_pool(void) {
-    for (int t = 1; t < wanted_threads; t++) {
-        if (pthread_create(&workers[t], NULL, worker_main, (void *)(intptr_t)t) != 0) break;
-        pthread_detach(workers[t]);
-        n_threads = t + 1;
-    }
+EXPORT const char *ffai_small_gemm_isa(void) { return isa; }
+
+EXPORT long ffai_small_gemm_calls(int taken) { return taken ? calls_taken : calls_passed; }
+
+static void not_initialised(void) {
+    fputs("ffai_worker: BLAS shim called before ffai_blas_init\n", stderr);
+    abort();
 }
 
-long ffai_small_gemm_calls(int taken) { return taken ? calls_taken : calls_passed; }
-
-void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
+EXPORT void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C,
                  int ldc) {
     if (order != ROW_MAJOR || trans_a != NO_TRANS || trans_b != TRANS || M > max_rows ||
         M < 1 || N < 1 || K < 1 || (long)N * K < min_elements) {
+        if (!real_sgemm) not_initialised();
         atomic_fetch_add_explicit(&calls_passed, 1, memory_order_relaxed);
         real_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
@@ -221,11 +324,25 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     atomic_fetch_add_explicit(&calls_taken, 1, memory_order_relaxed);
     struct job j = {M, N, K, lda, ldb, ldc, alpha, beta, A, B, C};
     int parallel = wanted_threads > 1 && (long)N * K >= min_parallel && N >= 32 * wanted_threads;
-    if (parallel) pthread_once(&pool_once, start_pool);
+    if (parallel && !atomic_load(&pool_started)) start_pool();
     if (parallel && n_threads > 1 && !atomic_flag_test_and_set(&pool_busy)) {
         run_parallel(&j);
         atomic_flag_clear(&pool_busy);
     } else {
         run_rows(&j, 0, N);
     }
+}
+
+EXPORT void cblas_dgemm(int order, int trans_a, int trans_b, int M, int N, int K, double alpha,
+                 const double *A, int lda, const double *B, int ldb, double beta, double *C,
+                 int ldc) {
+    if (!real_dgemm) not_initialised();
+    real_dgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+EXPORT void cblas_cgemm(int order, int trans_a, int trans_b, int M, int N, int K, const void *alpha,
+                 const void *A, int lda, const void *B, int ldb, const void *beta, void *C,
+                 int ldc) {
+    if (!real_cgemm) not_initialised();
+    real_cgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
