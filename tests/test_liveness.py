@@ -53,7 +53,8 @@ def heavy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_long_step_is_not_death(heavy_model: Path) -> None:
     """One step many heartbeat timeouts long: no client raises, and both finish."""
-    worker = WorkerProcess(heavy_model, "--prefill-step-size", "4096")
+    # No prefix cache: the calibration run must not turn the measured prefill into a hit.
+    worker = WorkerProcess(heavy_model, "--prefill-step-size", "4096", "--prompt-cache-bytes", "0")
     long_prompt = [100 + i % 1000 for i in range(LONG_PROMPT_TOKENS)]
     long_params = GenerationParameters(max_tokens=2)
 
