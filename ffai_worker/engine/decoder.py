@@ -71,8 +71,7 @@ class BatchedDecoder:
         if compiled is None:
             compiled = os.environ.get("FFAI_COMPILE", "1") != "0"
         self.compiled = compiled
-        self._traces: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._owner: int | None = None  # the thread that built and runs `_traces`
+        self._local = threading.local()  # `.traces`: the calling thread's compiled widths
         self._checked = not compiled  # the first compiled step proves the JIT works here
 
     def _step(
@@ -110,23 +109,32 @@ class BatchedDecoder:
         logits, cache.keys, cache.values = self._run(width, inputs, positions)
         return logits[:n] if slots > n else logits  # (n, V)
 
+    @property
+    def _traces(self) -> OrderedDict[int, Callable[..., Any]]:
+        """The calling thread's traces (width -> step), kept in a thread-local.
+
+        MLX caches compiled graphs per thread by the function's address, and a dropped
+        function erases only its last calling thread's entry: a trace run on two threads
+        left its graph (old width, old weights) for the next function at that address.
+        Thread-local traces run on one thread, and die on it when it ends, while its MLX
+        cache exists (else that cache, weights and all, lingered past `join()`).
+        """
+        traces: OrderedDict[int, Callable[..., Any]] | None = getattr(self._local, "traces", None)
+        if traces is None:
+            traces = self._local.traces = OrderedDict()
+        return traces
+
     def _trace(self, width: int) -> Callable[..., Any]:
-        # MLX caches compiled graphs per thread, keyed by the function's address, and
-        # dropping a function clears only the last calling thread's cache. A trace run on
-        # two threads left its graph (old width, old weights) for whatever function next
-        # took that address; so each thread gets traces of its own.
-        if self._owner != threading.get_ident():
-            self._traces.clear()
-            self._owner = threading.get_ident()
-        fn = self._traces.get(width)
+        traces = self._traces
+        fn = traces.get(width)
         if fn is None:
             step = partial(self._step, width)
             fn = mx.compile(step) if self.compiled else step
-            self._traces[width] = fn
-            if len(self._traces) > MAX_TRACES:
-                self._traces.popitem(last=False)
+            traces[width] = fn
+            if len(traces) > MAX_TRACES:
+                traces.popitem(last=False)
         else:
-            self._traces.move_to_end(width)
+            traces.move_to_end(width)
         return fn
 
     def _run(self, width: int, inputs: mx.array, positions: mx.array) -> tuple[Any, Any, Any]:
@@ -139,7 +147,7 @@ class BatchedDecoder:
         except Exception as exc:  # no C++ compiler for CPU kernels, for instance
             log.warning("compiled decode failed (%s); decoding eagerly", exc)
             self.compiled = False
-            self._traces.clear()
+            self._local = threading.local()  # every thread's compiled traces
             out = self._trace(width)(inputs, positions, cache.keys, cache.values)
         self._checked = True
         return out
