@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,18 @@ TOKENIZERS = SHARED / "tokenizers"
 CHAT_TEMPLATES = SHARED / "chat_templates"
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never download, even if the caller allowed it
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (for a worker, a gateway, or a silent peer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_tcp_endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 class WorkerProcess:

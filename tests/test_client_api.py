@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 import threading
 import time
 import types
 from typing import Any
 
 import pytest
+from conftest import free_tcp_endpoint
 
 import ffai_client
 from ffai_client import AsyncClient, Client, ClientClosed, WorkerUnavailable
@@ -101,21 +101,13 @@ def test_generate_signatures_are_explicit_and_the_same_sync_and_async(name: str)
     ]
 
 
-def _silent_endpoint() -> str:
-    """A TCP endpoint where nothing listens: requests wait for a worker that never comes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"prompt": "a", "tokens": [1]}, {"tokens": [1], "messages": []}],
     ids=["none", "prompt+tokens", "tokens+messages"],
 )
 def test_generate_input_is_checked_before_anything_is_sent(kwargs: dict[str, Any]) -> None:
-    client = AsyncClient(_silent_endpoint())
+    client = AsyncClient(free_tcp_endpoint())
     with pytest.raises(ValueError, match="exactly one of prompt, tokens or messages"):
         client.generate_stream(**kwargs)
     for bad_id in ("", "é" * 129):
@@ -125,7 +117,7 @@ def test_generate_input_is_checked_before_anything_is_sent(kwargs: dict[str, Any
 
 def test_closing_fails_pending_requests_and_later_calls_with_client_closed() -> None:
     async def main() -> None:
-        client = AsyncClient(_silent_endpoint(), timeout=60)
+        client = AsyncClient(free_tcp_endpoint(), timeout=60)
         await client.__aenter__()
         pending = asyncio.create_task(client.generate("Once upon a time"))
         ping = asyncio.create_task(client.ping())
@@ -153,7 +145,7 @@ def test_closing_fails_pending_requests_and_later_calls_with_client_closed() -> 
 
 
 def test_sync_client_closed_and_reused() -> None:
-    client = Client(_silent_endpoint(), timeout=60)
+    client = Client(free_tcp_endpoint(), timeout=60)
     errors: list[BaseException] = []
 
     def wait_forever() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINYSTORIES, WorkerProcess
+from conftest import TINYSTORIES, WorkerProcess, free_tcp_endpoint
 
 from ffai_client import AsyncClient, AuthenticationFailed, CurveClientKeys, GenerationParameters
 
@@ -23,12 +23,6 @@ def _keygen(directory: Path, name: str) -> tuple[Path, Path]:
     args = [sys.executable, "-m", "ffai_worker.cli", "keygen", "--dir", str(directory)]
     subprocess.run([*args, "--name", name], check=True, capture_output=True, timeout=60)
     return directory / f"{name}.key", directory / f"{name}.key_secret"
-
-
-def _tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def curve_worker(keys: dict[str, Path]) -> Iterator[WorkerProcess]:
-    endpoint = _tcp_endpoint()
+    endpoint = free_tcp_endpoint()
     worker = WorkerProcess(
         TINYSTORIES,
         "--endpoint",

@@ -13,7 +13,6 @@ import copy
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 kv = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate (the dev extra) is not installed"
@@ -375,13 +375,6 @@ class Pod:
         return done.returncode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def keys_made(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of deploy/kubernetes whose keys/ make-keys.sh filled with the real keygen."""
@@ -398,7 +391,7 @@ def keys_made(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def worker_pod(keys_made: Path) -> Iterator[tuple[Pod, Pod, subprocess.Popen[bytes], Path]]:
     docs, secrets = rendered(KDIR), generated_secrets(keys_made)
-    root, port = keys_made.parent / "root", _free_port()
+    root, port = keys_made.parent / "root", free_port()
     sts, gw = _one(docs, "StatefulSet", "ffai-worker"), _one(docs, "Deployment", "ffai-gateway")
     worker = Pod(root, _pod_spec(sts), _pod_spec(sts)["containers"][0], secrets, port)
     gateway = Pod(root, _pod_spec(gw), _pod_spec(gw)["containers"][0], secrets, port)

@@ -6,13 +6,12 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import zmq
-from conftest import TINYSTORIES, TOKENIZERS, WorkerProcess
+from conftest import TINYSTORIES, TOKENIZERS, WorkerProcess, free_tcp_endpoint
 
 from ffai_client import (
     AsyncClient,
@@ -116,15 +115,9 @@ def test_request_timeout_is_per_request(heavy_model: Path) -> None:
         worker.stop()
 
 
-def _free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_killed_worker_noticed_within_a_second(transport: str) -> None:
-    extra = ("--endpoint", _free_tcp_endpoint()) if transport == "tcp" else ()
+    extra = ("--endpoint", free_tcp_endpoint()) if transport == "tcp" else ()
     worker = WorkerProcess(TINYSTORIES, *extra)
     endpoint = extra[1] if extra else worker.endpoint
 
@@ -186,7 +179,7 @@ def test_no_socket_file_fails_at_once(tmp_path: Path) -> None:
 
 
 def test_unreachable_tcp_fails_after_connect_timeout() -> None:
-    endpoint = _free_tcp_endpoint()  # nobody listens there
+    endpoint = free_tcp_endpoint()  # nobody listens there
 
     async def main() -> None:
         async with AsyncClient(endpoint, timeout=0.5) as client:

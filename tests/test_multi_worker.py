@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import TINYSTORIES, WorkerProcess
+from conftest import TINYSTORIES, WorkerProcess, free_port
 
 from ffai_client import AsyncClient, Client, GenerationParameters, WorkerUnavailable
 from ffai_client.pool import (
@@ -40,13 +39,6 @@ def three_workers() -> Iterator[list[WorkerProcess]]:
     yield workers
     for worker in workers:
         worker.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def _frames_sent(endpoints: list[str]) -> list[int]:
@@ -161,7 +153,7 @@ def test_same_prefix_goes_to_the_same_worker(three_workers: list[WorkerProcess])
 
 
 def test_a_dns_name_is_resolved_with_the_system_resolver() -> None:
-    port = _free_port()
+    port = free_port()
     worker = _start("--endpoint", f"tcp://127.0.0.1:{port}")
     try:
 
@@ -179,7 +171,7 @@ def test_a_dns_name_is_resolved_with_the_system_resolver() -> None:
 
 def test_a_name_with_two_addresses_spreads_and_is_re_resolved() -> None:
     """A headless Service in miniature: one name, an IPv4 and an IPv6 worker on one port."""
-    port = _free_port()
+    port = free_port()
     v4 = _start("--endpoint", f"tcp://127.0.0.1:{port}")
     v6 = _start("--endpoint", f"tcp://[::1]:{port}")
     records = {"workers.test": ["127.0.0.1"]}
