@@ -15,6 +15,7 @@ from conftest import TINYSTORIES, TOKENIZERS, WorkerProcess, free_tcp_endpoint
 
 from ffai_client import (
     AsyncClient,
+    Client,
     GenerationParameters,
     RequestTimeout,
     WorkerUnavailable,
@@ -210,6 +211,19 @@ def test_restarted_worker_gets_new_requests(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def _frames_sent_once_settled(observer: Client, since: int, at_least: int) -> int:
+    """Frames the worker sent since `since`, once it has sent `at_least` and stopped."""
+    last = observer.info().frames_sent
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = observer.info().frames_sent
+        # Only the previous info reply went out in between: the pipe is full (or drained).
+        if now - last <= 1 and now - since >= at_least:
+            return now - since
+        last = now
+    raise AssertionError("the worker never settled")
+
+
 def test_replies_to_a_client_that_does_not_read_are_queued_not_dropped() -> None:
     """15,000 frames sent without reading, then a ping: every reply arrives once it reads."""
     worker = WorkerProcess(TINYSTORIES)
@@ -219,11 +233,15 @@ def test_replies_to_a_client_that_does_not_read_are_queued_not_dropped() -> None
     sock.setsockopt(zmq.RCVHWM, 1000)  # a small window, so the worker's side fills up
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(worker.endpoint)
-        for i in range(count):
-            sock.send(p.encode(p.Ping(id=f"p{i}")))
-        sock.send(p.encode(p.Ping(id="last")))
-        time.sleep(1.0)  # the worker answers everything it can, and queues the rest
+        with Client(worker.endpoint) as observer:
+            sent_before = observer.info().frames_sent
+            sock.connect(worker.endpoint)
+            for i in range(count):
+                sock.send(p.encode(p.Ping(id=f"p{i}")))
+            sock.send(p.encode(p.Ping(id="last")))
+            sent = _frames_sent_once_settled(observer, sent_before, 1000)
+        # The pipe really filled: part of the replies waited in the worker's queue.
+        assert sent < count + 1, f"all {sent} replies fit the pipe: nothing was queued"
         seen: list[str] = []
         deadline = time.monotonic() + 60
         while len(seen) < count + 1 and time.monotonic() < deadline:
