@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 kernels = Extension(
     "ffai_worker.native._kernels",
     sources=["ffai_worker/native/kernels/small_gemm.c"],
-    depends=["ffai_worker/native/kernels/small_gemm_tiles.h"],
+    depends=["ffai_worker/native/kernels/small_gemm_tiles.h", "ffai_worker/native/kernels/pool.h"],
     extra_compile_args=[
         "-O3",
         "-std=c11",
