@@ -6,10 +6,11 @@
  * never expands it in memory: decode reads 1/4 (8-bit) or 1/8 (4-bit) of the float32
  * bytes per token, plus the scales.
  *
- * How: like llama.cpp, the activations are quantized to int8 per row and group (scale
- * = max|x| / 127), so a group's dot product is an integer sum (AVX512-VNNI vpdpbusd:
- * u8 x s8 -> s32; AVX2 maddubs) followed by one float multiply-add:
- *   out[m,n] = sum_g s[n,g] d[m,g] sum_k q[n,k] x8[m,k] + sum_g b[n,g] sum_k x[m,k]
+ * How: like llama.cpp, the activations are quantized to int8 per row and block of 32
+ * (scale d = max|x| / 127), so a block's dot product is an integer sum (AVX512-VNNI
+ * vpdpbusd: u8 x s8 -> s32; AVX2 maddubs) followed by one float multiply-add:
+ *   out[m,n] = sum_g s[n,g] sum_{blocks of g} d[m,blk] sum_k q[n,k] x8[m,k]
+ *            + sum_g b[n,g] sum_{k in g} x[m,k]
  * The bias term uses the float sums of x, so it is exact up to float rounding.
  *
  * Every output is computed by the same sequence of operations whatever tile holds it,
@@ -26,7 +27,9 @@
 #include <string.h>
 #include <unistd.h>
 
-enum { MAX_THREADS = 64, MAX_GROUPS = 1024, NB = 4, MB = 4 };
+/* Activations are quantized in blocks of 32 (as llama.cpp's Q8_0), whatever the
+ * weights' group size: finer than a group of 64 or 128, so half the rounding error. */
+enum { MAX_THREADS = 64, MAX_GROUPS = 1024, NB = 4, MB = 4, QK = 32 };
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -41,15 +44,15 @@ enum { MAX_THREADS = 64, MAX_GROUPS = 1024, NB = 4, MB = 4 };
 #include "pool.h"
 
 struct qjob {
-    int M, N, K, bits, G, groups;
+    int M, N, K, bits, G, groups, blocks; /* blocks: K / QK activation blocks */
     size_t row_bytes;
     const uint8_t *w;
     const void *scales, *biases;
     int f16;
-    const int8_t *x8;     /* (M, K); 4-bit SIMD paths permute nibble order within chunks */
-    const float *xd;      /* (M, groups): the activations' int8 scale */
-    const float *xsum;    /* (M, groups): sum of the float activations */
-    const int32_t *x8sum; /* (M, groups): sum of the int8 activations */
+    const int8_t *x8;     /* (M, K); 4-bit SIMD paths permute each block (see permuted) */
+    const float *xd;      /* (M, blocks): each block's int8 scale */
+    const float *xsum;    /* (M, groups): sum of the float activations of each weight group */
+    const int32_t *x8sum; /* (M, blocks): sum of each block's int8 activations */
     float *out;           /* (M, N) */
 };
 
@@ -94,39 +97,43 @@ static void row_params(const struct qjob *j, int n, float *s, float *b) {
     }
 }
 
-/* Where element i of a group lands: 4-bit SIMD paths split each chunk of `chunk`
- * elements into its even then its odd elements, the order the nibbles unpack in. */
-static inline int permuted(int i, int chunk) {
-    if (!chunk) return i;
-    int r = i % chunk;
-    return i - r + ((r & 1) ? chunk / 2 + r / 2 : r / 2);
+/* Where element i of a block lands: 4-bit SIMD paths put each block's even elements
+ * first, then its odd ones, the order a block's 16 bytes of nibbles unpack in. */
+static inline int permuted(int i, int permute) {
+    if (!permute) return i;
+    int r = i % QK;
+    return i - r + ((r & 1) ? QK / 2 + r / 2 : r / 2);
 }
 
-static void quantize_activations(const struct qjob *j, const float *x, int chunk, int8_t *x8,
+static void quantize_activations(const struct qjob *j, const float *x, int permute, int8_t *x8,
                                  float *xd, float *xsum, int32_t *x8sum) {
-    for (int m = 0; m < j->M; m++)
+    for (int m = 0; m < j->M; m++) {
+        const float *row = x + (size_t)m * j->K;
         for (int g = 0; g < j->groups; g++) {
-            const float *src = x + (size_t)m * j->K + (size_t)g * j->G;
-            int8_t *dst = x8 + (size_t)m * j->K + (size_t)g * j->G;
-            float amax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < j->G; i++) {
+            float sum = 0.0f;
+            for (int i = g * j->G; i < (g + 1) * j->G; i++) sum += row[i];
+            xsum[(size_t)m * j->groups + g] = sum;
+        }
+        for (int blk = 0; blk < j->blocks; blk++) {
+            const float *src = row + (size_t)blk * QK;
+            int8_t *dst = x8 + (size_t)m * j->K + (size_t)blk * QK;
+            float amax = 0.0f;
+            for (int i = 0; i < QK; i++) {
                 float a = fabsf(src[i]);
                 amax = a > amax ? a : amax;
-                sum += src[i];
             }
-            float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            float id = amax > 0.0f ? 127.0f / amax : 0.0f;
             int32_t total = 0;
-            for (int i = 0; i < j->G; i++) {
+            for (int i = 0; i < QK; i++) {
                 float q = nearbyintf(src[i] * id);
                 int v = q > 127.0f ? 127 : (q < -127.0f ? -127 : (int)q);
-                dst[permuted(i, chunk)] = (int8_t)v;
+                dst[permuted(i, permute)] = (int8_t)v;
                 total += v;
             }
-            size_t at = (size_t)m * j->groups + g;
-            xd[at] = d;
-            xsum[at] = sum;
-            x8sum[at] = total;
+            xd[(size_t)m * j->blocks + blk] = amax / 127.0f;
+            x8sum[(size_t)m * j->blocks + blk] = total;
         }
+    }
 }
 
 static inline int weight_at(const struct qjob *j, const uint8_t *row, int k) {
@@ -139,17 +146,22 @@ static inline int weight_at(const struct qjob *j, const uint8_t *row, int k) {
 
 static void qrows_generic(const struct qjob *j, int n0, int n1) {
     float s[MAX_GROUPS], b[MAX_GROUPS];
+    const int per_group = j->G / QK;
     for (int n = n0; n < n1; n++) {
         const uint8_t *row = j->w + (size_t)n * j->row_bytes;
         row_params(j, n, s, b);
         for (int m = 0; m < j->M; m++) {
             const int8_t *xq = j->x8 + (size_t)m * j->K;
-            const float *xd = j->xd + (size_t)m * j->groups, *xs = j->xsum + (size_t)m * j->groups;
+            const float *xd = j->xd + (size_t)m * j->blocks, *xs = j->xsum + (size_t)m * j->groups;
             float acc = 0.0f, bias = 0.0f;
             for (int g = 0; g < j->groups; g++) {
-                int32_t isum = 0;
-                for (int k = g * j->G; k < (g + 1) * j->G; k++) isum += weight_at(j, row, k) * xq[k];
-                acc += (float)isum * (s[g] * xd[g]);
+                float group = 0.0f;
+                for (int blk = g * per_group; blk < (g + 1) * per_group; blk++) {
+                    int32_t isum = 0;
+                    for (int k = blk * QK; k < (blk + 1) * QK; k++) isum += weight_at(j, row, k) * xq[k];
+                    group += (float)isum * xd[blk];
+                }
+                acc += group * s[g];
             }
             for (int g = 0; g < j->groups; g++) bias += b[g] * xs[g];
             j->out[(size_t)m * j->N + n] = acc + bias;
@@ -166,7 +178,7 @@ static void qrows_generic(const struct qjob *j, int n0, int n1) {
 struct qvariant {
     const char *name;
     qrows_fn q8, q4;
-    int chunk; /* the SIMD width in int8 lanes: 4-bit activations are permuted to it */
+    int permute; /* 4-bit activations are permuted within blocks (see permuted) */
     int group_multiple;
     int (*supported)(void);
 };
@@ -176,8 +188,8 @@ static int always(void) { return 1; }
 /* Best first. */
 static const struct qvariant qvariants[] = {
 #ifdef HAVE_X86
-    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 64, 64, has_avx512_vnni},
-    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 32, 32, has_avx2},
+    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 1, 64, has_avx512_vnni},
+    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 1, 32, has_avx2},
 #endif
     {"generic", qrows_generic, qrows_generic, 0, 1, always},
 };
@@ -246,19 +258,19 @@ int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, con
         pool_configure(online > 0 ? (int)online : 1);
     }
     const struct qvariant *v = variant_for(group_size);
-    struct qjob j = {M, N, K, bits, group_size, K / group_size, (size_t)K * bits / 8,
+    struct qjob j = {M, N, K, bits, group_size, K / group_size, K / QK, (size_t)K * bits / 8,
                      (const uint8_t *)w, scales, biases, scales_f16 != 0,
                      NULL, NULL, NULL, NULL, out};
-    size_t cells = (size_t)M * j.groups;
+    size_t blocks = (size_t)M * j.blocks, groups = (size_t)M * j.groups;
     int8_t *x8 = malloc((size_t)M * K + 64);
-    float *xf = malloc(sizeof(float) * 2 * cells);
-    int32_t *x8sum = malloc(sizeof(int32_t) * cells);
+    float *xf = malloc(sizeof(float) * (blocks + groups));
+    int32_t *x8sum = malloc(sizeof(int32_t) * blocks);
     if (!x8 || !xf || !x8sum) {
         free(x8), free(xf), free(x8sum);
         return -1;
     }
-    quantize_activations(&j, x, bits == 4 ? v->chunk : 0, x8, xf, xf + cells, x8sum);
-    j.x8 = x8, j.xd = xf, j.xsum = xf + cells, j.x8sum = x8sum;
+    quantize_activations(&j, x, bits == 4 ? v->permute : 0, x8, xf, xf + blocks, x8sum);
+    j.x8 = x8, j.xd = xf, j.xsum = xf + blocks, j.x8sum = x8sum;
     struct qtask task = {&j, bits == 8 ? v->q8 : v->q4};
     int share = (long)N * K >= (1L << 16) && N >= 32 * pool_wanted_threads;
     pool_run(qrows_task, &task, share);

@@ -1,11 +1,11 @@
 /* x86 tiles of quant_gemm.c: AVX512-VNNI (64 int8 lanes) and AVX2 (32), each compiled
  * with a function target attribute and chosen at run time.
  *
- * A tile is NR weight rows x MR activation rows. Per group it forms each pair's integer
- * dot product, converts it to float and adds it times s[n,g] * d[m,g] into that pair's
- * float vector; after the last group the bias term (float sums of x times b) is added
- * into the same vector, which is then summed horizontally. Each pair goes through the
- * same operations in every tile shape, so results are batch-invariant. */
+ * A tile is NR weight rows x MR activation rows. Per SIMD chunk it forms each pair's
+ * integer dot products, converts them to float and adds them times s[n,g] * d[m,block]
+ * into that pair's float vector; after the last group the bias term (float sums of x
+ * times b) is added into the same vector, which is then summed horizontally. Each pair
+ * goes through the same operations in every tile shape, so results are batch-invariant. */
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
@@ -42,8 +42,8 @@ T256 static void row_params_f16c(const struct qjob *j, int n, float *s, float *b
 
 /* ---- AVX512-VNNI --------------------------------------------------------------------- */
 
-/* 64 weights as unsigned bytes: 8-bit rows are bytes already; 4-bit rows unpack 32
- * bytes to the even (low nibble) then the odd (high nibble) elements. */
+/* 64 weights (two activation blocks) as unsigned bytes: 8-bit rows are bytes already;
+ * 4-bit rows unpack 32 bytes to, per block, its even (low nibble) then odd elements. */
 T512 static inline __m512i w64_q8(const uint8_t *row, int k) {
     return _mm512_loadu_si512((const void *)(row + k));
 }
@@ -52,7 +52,14 @@ T512 static inline __m512i w64_q4(const uint8_t *row, int k) {
     __m256i packed = _mm256_loadu_si256((const __m256i *)(row + k / 2));
     __m256i low = _mm256_and_si256(packed, _mm256_set1_epi8(0x0f));
     __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0f));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+    const __m512i order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    return _mm512_permutex2var_epi64(_mm512_castsi256_si512(low), order, _mm512_castsi256_si512(high));
+}
+
+/* The two blocks' scales of a 64-wide chunk: lanes 0-7 and 8-15. */
+T512 static inline __m512 pair512(const float *d) {
+    __m512d low = _mm512_castps_pd(_mm512_set1_ps(d[0]));
+    return _mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
 }
 
 T512 static inline float finish512(__m512 acc, const float *b, const float *xs, int groups) {
@@ -72,11 +79,12 @@ T512 static inline float finish512(__m512 acc, const float *b, const float *xs, 
             for (int c = 0; c < MR; c++) acc[r][c] = _mm512_setzero_ps();                     \
         const int G = j->G, groups = j->groups;                                               \
         for (int g = 0; g < groups; g++) {                                                    \
-            __m512 sv[NR], dv[MR];                                                            \
+            __m512 sv[NR];                                                                    \
             for (int r = 0; r < NR; r++) sv[r] = _mm512_set1_ps(s[r * MAX_GROUPS + g]);       \
-            for (int c = 0; c < MR; c++)                                                      \
-                dv[c] = _mm512_set1_ps(j->xd[(size_t)(m + c) * groups + g]);                  \
             for (int k = g * G; k < (g + 1) * G; k += 64) {                                   \
+                __m512 dv[MR];                                                                \
+                for (int c = 0; c < MR; c++)                                                  \
+                    dv[c] = pair512(j->xd + (size_t)(m + c) * j->blocks + k / QK);            \
                 __m512i wv[NR];                                                               \
                 for (int r = 0; r < NR; r++)                                                  \
                     wv[r] = w64_q##BITS(j->w + (size_t)(n + r) * j->row_bytes, k);            \
@@ -97,8 +105,8 @@ T512 static inline float finish512(__m512 acc, const float *b, const float *xs, 
                               groups);                                                        \
     }
 
-/* One chunk of 64 per vpdpbusd: a group of 128 gets two chunks, each converted and
- * scaled on its own, so every pair still sees the same operation sequence. */
+/* One chunk of 64 per vpdpbusd, converted and scaled on its own (its lanes 0-7 are
+ * one activation block, 8-15 the next), so every pair sees the same operations. */
 TILE512(8, 4, 4)
 TILE512(8, 4, 1)
 TILE512(8, 1, 4)
@@ -175,9 +183,9 @@ T256 static inline float finish256(__m256 acc, const float *b, const float *xs, 
     return _mm_cvtss_f32(h);
 }
 
-/* The 8-bit offset (128 * sum of the group's x8) joins lane 0 before conversion. */
-#define OFFSET_q8(j, m, g) _mm256_setr_epi32(128 * (j)->x8sum[(size_t)(m) * (j)->groups + (g)], 0, 0, 0, 0, 0, 0, 0)
-#define OFFSET_q4(j, m, g) _mm256_setzero_si256()
+/* The 8-bit offset (128 * sum of the block's x8) joins lane 0 before conversion. */
+#define OFFSET_q8(j, blk) _mm256_setr_epi32(128 * (j)->x8sum[blk], 0, 0, 0, 0, 0, 0, 0)
+#define OFFSET_q4(j, blk) _mm256_setzero_si256()
 
 #define TILE256(BITS, NR, MR)                                                                 \
     T256 static void tile256_q##BITS##_##NR##_##MR(const struct qjob *j, int n, int m,        \
@@ -187,27 +195,24 @@ T256 static inline float finish256(__m256 acc, const float *b, const float *xs, 
             for (int c = 0; c < MR; c++) acc[r][c] = _mm256_setzero_ps();                     \
         const int G = j->G, groups = j->groups;                                               \
         for (int g = 0; g < groups; g++) {                                                    \
-            __m256i t[NR][MR];                                                                \
-            for (int c = 0; c < MR; c++) {                                                    \
-                __m256i offset = OFFSET_q##BITS(j, m + c, g);                                 \
-                for (int r = 0; r < NR; r++) t[r][c] = offset;                                \
-            }                                                                                 \
-            for (int k = g * G; k < (g + 1) * G; k += 32) {                                   \
+            __m256 sv[NR];                                                                    \
+            for (int r = 0; r < NR; r++) sv[r] = _mm256_set1_ps(s[r * MAX_GROUPS + g]);       \
+            for (int k = g * G; k < (g + 1) * G; k += QK) {                                   \
                 __m256i wv[NR];                                                               \
                 for (int r = 0; r < NR; r++)                                                  \
                     wv[r] = w32_q##BITS(j->w + (size_t)(n + r) * j->row_bytes, k);            \
                 for (int c = 0; c < MR; c++) {                                                \
+                    size_t blk = (size_t)(m + c) * j->blocks + k / QK;                        \
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(j->x8 + (size_t)(m + c) * j->K + k)); \
-                    for (int r = 0; r < NR; r++)                                              \
-                        t[r][c] = _mm256_add_epi32(t[r][c], dot32_q##BITS(wv[r], xv));        \
+                    __m256 dv = _mm256_set1_ps(j->xd[blk]);                                   \
+                    __m256i offset = OFFSET_q##BITS(j, blk);                                  \
+                    for (int r = 0; r < NR; r++) {                                            \
+                        __m256i t = _mm256_add_epi32(offset, dot32_q##BITS(wv[r], xv));       \
+                        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t),                    \
+                                                    _mm256_mul_ps(sv[r], dv), acc[r][c]);     \
+                    }                                                                         \
                 }                                                                             \
             }                                                                                 \
-            for (int r = 0; r < NR; r++)                                                      \
-                for (int c = 0; c < MR; c++) {                                                \
-                    __m256 sd = _mm256_mul_ps(_mm256_set1_ps(s[r * MAX_GROUPS + g]),          \
-                                              _mm256_set1_ps(j->xd[(size_t)(m + c) * groups + g])); \
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[r][c]), sd, acc[r][c]);  \
-                }                                                                             \
         }                                                                                     \
         for (int r = 0; r < NR; r++)                                                          \
             for (int c = 0; c < MR; c++)                                                      \
