@@ -20,8 +20,11 @@ from ffai_worker.serving import service_install as si
 
 MODEL_HELP = "Local Hugging Face-layout folder or hub id (default: the built-in tinystories-260k)."
 ENDPOINT_HELP = f"ZeroMQ endpoint to bind [default: ${ENDPOINT_ENV}, else {default_endpoint()}]"
-DTYPE_CHOICES = click.Choice(["float32", "float16", "bfloat16"])
-DTYPE_HELP = "Weights dtype. Default: the fastest for this device."
+DTYPE_CHOICES = click.Choice(["float32", "float16", "bfloat16", "q8", "q4"])
+DTYPE_HELP = (
+    "Weights dtype. Default: the fastest for this device. q8/q4 quantize a float "
+    "checkpoint to 8/4 bits at load (MLX's affine format, group size 64)."
+)
 REVISION_HELP = "Hub revision (branch, tag or commit)."
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
 

@@ -337,6 +337,9 @@ class CausalLMBase(nn.Module):
     @property
     def cache_dtype(self) -> mx.Dtype:
         embed = self.model.embed_tokens
+        compute: mx.Dtype | None = getattr(embed, "compute_dtype", None)  # the native kernel's
+        if compute is not None:
+            return compute
         scales = getattr(embed, "scales", None)  # quantized: computes in its scales' dtype
         dtype: mx.Dtype = (scales if scales is not None else embed.weight).dtype
         return dtype

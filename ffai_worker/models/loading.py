@@ -2,13 +2,16 @@
 
 Dtype policy (`load_model(dtype=None, dequantize=None)`), "fastest on this device":
 - GPU (Metal, CUDA): keep the checkpoint's float dtype and keep quantized weights.
-- CPU: float32, and quantized checkpoints are dequantized at load when the
-  float32 weights fit in available memory: MLX's CPU backend sends only
-  float32 matmuls to BLAS (figures: benchmarks/NOTES.md).
+- CPU: float32. Quantized layers run on the native kernel (`models/quantized.py`)
+  when it is built and takes their format; otherwise the checkpoint is
+  dequantized to float32 at load when that fits in available memory, since
+  MLX's own CPU quantized matmul is slower than float32 (benchmarks/NOTES.md).
 An explicit `dtype` ("float32", "float16", "bfloat16") sets the float dtype of
 every non-quantized parameter (and of dequantized weights); quantized weights
 are then dequantized automatically only when that dtype is float32 on CPU.
 `dequantize=True` or `False` overrides the automatic choice.
+`dtype="q8"` or `"q4"` quantizes a float checkpoint at load (MLX's affine format,
+64 weights per scale); the rest of the parameters stay float32 on CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from mlx.utils import tree_flatten
 
 from ffai_worker.models import SUPPORTED_MODEL_TYPES, get_architecture
 from ffai_worker.models.contract import Architecture, CausalLM
+from ffai_worker.models.quantized import GROUP_SIZE, QUANTIZED_DTYPES, quantize_model, use_kernel
+from ffai_worker.native import quant as quant_kernel
 
 DTYPES: dict[str, mx.Dtype] = {
     "float32": mx.float32,
@@ -265,6 +270,12 @@ def _choose_dequantize(
     """Automatic choice: dequantize on CPU to float32 when that fits comfortably in RAM."""
     if on_gpu() or dtype != mx.float32:
         return False  # half-precision CPU matmuls are no faster than quantized ones
+    if (
+        quant_kernel.available()
+        and quant["bits"] in (4, 8)
+        and quant["group_size"] in (32, 64, 128)
+    ):
+        return False  # the native kernel reads the packed weights directly
     need = dequantized_bytes(weights, quant, dtype)
     free = available_memory()
     if free is not None and need > DEQUANTIZE_MEMORY_SHARE * free:
@@ -314,12 +325,20 @@ def load_model(
     path = Path(path)
     config = _read_json(path / "config.json", required=True)
     arch = _architecture(config, path)
-    if dtype is not None and dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in DTYPES and dtype not in QUANTIZED_DTYPES:
+        names = ", ".join([*DTYPES, *QUANTIZED_DTYPES])
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {names}")
     weights = read_weights(path)
     quant = read_quantization(config)
+    bits = QUANTIZED_DTYPES.get(dtype or "")
+    if bits and quant is not None:
+        raise ModelLoadError(
+            f"the checkpoint is already quantized ({quant['bits']}-bit); "
+            f"load it without dtype {dtype!r}"
+        )
     source = checkpoint_dtype(weights)
-    target = DTYPES[dtype] if dtype else (source if on_gpu() else mx.float32)
+    default = source if on_gpu() else mx.float32
+    target = DTYPES[dtype] if dtype in DTYPES else default
     notes: list[str] = []
 
     model_config = dict(config)
@@ -342,6 +361,13 @@ def load_model(
     _load_into(model, weights, path)
     del weights  # the model holds what it needs; let a cast free the originals
     _cast_floats(model, target)
+    if bits:
+        quant = {"group_size": GROUP_SIZE, "bits": bits}
+        layers = quantize_model(model, bits)
+        notes.append(f"quantized {layers} layers to {bits}-bit at load (group size {GROUP_SIZE})")
+    if quant is not None and not dequantized and not on_gpu():
+        switched = use_kernel(model) if quant_kernel.available() else 0
+        notes.append(_kernel_note(switched))
     model.eval()
     mx.eval(model.parameters())
 
@@ -359,6 +385,12 @@ def load_model(
         generation_config=_read_json(path / "generation_config.json"),
     )
     return model, info
+
+
+def _kernel_note(switched: int) -> str:
+    if switched:
+        return f"{switched} quantized layers on the native kernel ({quant_kernel.describe()})"
+    return f"quantized layers on MLX's CPU path, slower than float32: {quant_kernel.describe()}"
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -152,118 +152,15 @@ static long min_parallel = 1 << 16; /* N * K elements below which one thread doe
 static long min_elements = 1 << 18;
 static atomic_long calls_taken, calls_passed;
 
-/* ---- thread pool ------------------------------------------------------------------- */
+/* ---- thread pool (pool.h) ------------------------------------------------------------ */
 
-/* Workers spin briefly on a generation counter, then sleep. The spin covers the gap
- * between a decode step's matmuls without holding a core for long after the step
- * (prefill's OpenBLAS threads want both cores). */
-#define SPIN_SECONDS 200e-6
+#include "pool.h"
 
-static double seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int n_threads = 1;      /* threads running, the caller included */
-static int wanted_threads = 1; /* threads to start on first use */
-static atomic_int pool_started;
-static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static const struct job *current;
-static atomic_long generation;
-static atomic_int pending;
-static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* a second calling thread runs alone */
-
-static void split(int part, int parts, int N, int *n0, int *n1) {
-    /* Chunks of 16 rows keep each thread's writes off its neighbours' cache lines. */
-    int blocks = (N + 15) / 16;
-    *n0 = (int)((long)blocks * part / parts) * 16;
-    *n1 = (int)((long)blocks * (part + 1) / parts) * 16;
-    if (*n1 > N) *n1 = N;
-}
-
-static long start_generation; /* the generation workers see as done when they start */
-
-static void *worker_main(void *arg) {
-    int part = (int)(intptr_t)arg;
-    long seen = start_generation; /* written before pthread_create, which orders it */
-    for (;;) {
-        long gen = atomic_load_explicit(&generation, memory_order_acquire);
-        double until = seconds() + SPIN_SECONDS;
-        for (int spin = 0; gen == seen; spin++) {
-            CPU_RELAX();
-            gen = atomic_load_explicit(&generation, memory_order_acquire);
-            if ((spin & 63) == 0 && seconds() > until) break;
-        }
-        if (gen == seen) {
-            pthread_mutex_lock(&lock);
-            while ((gen = atomic_load(&generation)) == seen) pthread_cond_wait(&wake, &lock);
-            pthread_mutex_unlock(&lock);
-        }
-        seen = gen;
-        int n0, n1;
-        split(part, n_threads, current->N, &n0, &n1);
-        run_rows(current, n0, n1);
-        atomic_fetch_sub_explicit(&pending, 1, memory_order_release);
-    }
-    return NULL;
-}
-
-/* Threads start with the first product big enough to share: a process that never
- * runs one (a client, a tiny model) never has them. */
-static void start_pool(void) {
-    pthread_mutex_lock(&start_lock);
-    if (!atomic_load(&pool_started)) {
-        start_generation = atomic_load(&generation);
-        for (int t = 1; t < wanted_threads; t++) {
-            pthread_t thread;
-            if (pthread_create(&thread, NULL, worker_main, (void *)(intptr_t)t) != 0) break;
-            pthread_detach(thread);
-            n_threads = t + 1;
-        }
-        atomic_store(&pool_started, 1);
-    }
-    pthread_mutex_unlock(&start_lock);
-}
-
-static void run_parallel(const struct job *j) {
-    current = j;
-    atomic_store(&pending, n_threads - 1);
-    pthread_mutex_lock(&lock);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
-    pthread_cond_broadcast(&wake);
-    pthread_mutex_unlock(&lock);
+static void rows_task(const void *ctx, int part, int parts) {
+    const struct job *j = ctx;
     int n0, n1;
-    split(0, n_threads, j->N, &n0, &n1);
+    pool_split(part, parts, j->N, 16, &n0, &n1);
     run_rows(j, n0, n1);
-    while (atomic_load_explicit(&pending, memory_order_acquire) > 0) CPU_RELAX();
-}
-
-/* fork(): a child has only the forking thread, so the pool's workers are gone. Before
- * the fork no product may be in flight (it would be half done in the child); after
- * it the child forgets the pool and starts a fresh one on its first shared product. */
-static void before_fork(void) {
-    while (atomic_flag_test_and_set(&pool_busy)) CPU_RELAX();
-    pthread_mutex_lock(&start_lock);
-    pthread_mutex_lock(&lock);
-}
-
-static void after_fork_parent(void) {
-    pthread_mutex_unlock(&lock);
-    pthread_mutex_unlock(&start_lock);
-    atomic_flag_clear(&pool_busy);
-}
-
-static void after_fork_child(void) {
-    pthread_mutex_unlock(&lock);
-    pthread_mutex_unlock(&start_lock);
-    pthread_cond_init(&wake, NULL); /* its waiters were the parent's threads */
-    n_threads = 1;
-    atomic_store(&pending, 0);
-    atomic_store(&pool_started, 0);
-    atomic_flag_clear(&pool_busy);
 }
 
 /* ---- entry points ------------------------------------------------------------------ */
@@ -295,11 +192,7 @@ EXPORT int ffai_small_gemm_init(int rows, int threads, long smallest, const char
     isa = chosen->name;
     if (smallest >= 0) min_elements = smallest;
     max_rows = rows < 0 ? 0 : (rows > MAX_ROWS ? MAX_ROWS : rows);
-    wanted_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    static int registered;
-    if (!registered && wanted_threads > 1)
-        registered = pthread_atfork(before_fork, after_fork_parent, after_fork_child) == 0;
-    return wanted_threads;
+    return pool_configure(threads);
 }
 
 EXPORT const char *ffai_small_gemm_isa(void) { return isa; }
@@ -323,14 +216,8 @@ EXPORT void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K
     }
     atomic_fetch_add_explicit(&calls_taken, 1, memory_order_relaxed);
     struct job j = {M, N, K, lda, ldb, ldc, alpha, beta, A, B, C};
-    int parallel = wanted_threads > 1 && (long)N * K >= min_parallel && N >= 32 * wanted_threads;
-    if (parallel && !atomic_load(&pool_started)) start_pool();
-    if (parallel && n_threads > 1 && !atomic_flag_test_and_set(&pool_busy)) {
-        run_parallel(&j);
-        atomic_flag_clear(&pool_busy);
-    } else {
-        run_rows(&j, 0, N);
-    }
+    int share = (long)N * K >= min_parallel && N >= 32 * pool_wanted_threads;
+    pool_run(rows_task, &j, share);
 }
 
 EXPORT void cblas_dgemm(int order, int trans_a, int trans_b, int M, int N, int K, double alpha,

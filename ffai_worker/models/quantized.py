@@ -1,0 +1,122 @@
+"""4- and 8-bit weights on the CPU: quantize at load, and run on the native kernel.
+
+MLX's CPU `quantized_matmul` is a scalar loop, slower than a float32 product, so on a
+CPU the quantized layers of a model are switched to `Kernel*` subclasses of MLX's own
+`QuantizedLinear` / `QuantizedEmbedding` that call `ffai_worker.native.quant` (an MLX
+primitive over `kernels/quant_gemm.c`). The weights stay packed: decode reads 1/4 or 1/8
+of the float32 bytes. Parameters and checkpoint keys are MLX's, so an `mlx_lm.convert
+-q` checkpoint loads as it is, and a layer the kernel cannot take keeps MLX's path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ffai_worker.native import quant
+
+# `--dtype q8` / `q4`: MLX's affine format, 64 weights per (scale, bias) as mlx_lm uses.
+QUANTIZED_DTYPES = {"q8": 8, "q4": 4}
+GROUP_SIZE = 64
+_KERNEL_BITS = (4, 8)
+_KERNEL_GROUPS = (32, 64, 128)
+_FLOAT16_MAX = 65504.0
+_FLOAT16_MIN_NORMAL = 6.104e-05
+
+
+class KernelQuantizedLinear(nn.QuantizedLinear):
+    """MLX's QuantizedLinear, computed by the native kernel (float32 out)."""
+
+    compute_dtype = mx.float32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = quant.quant_matmul(
+            x,
+            self["weight"],
+            self["scales"],
+            self["biases"],
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
+    """MLX's QuantizedEmbedding: float32 rows, and the tied LM head on the kernel."""
+
+    compute_dtype = mx.float32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.dequantize(
+            self["weight"][x],
+            self["scales"][x].astype(mx.float32),
+            self["biases"][x].astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+        )
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quant.quant_matmul(
+            x,
+            self["weight"],
+            self["scales"],
+            self["biases"],
+            bits=self.bits,
+            group_size=self.group_size,
+        )
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> int:
+    """Quantize every Linear and Embedding whose input width the group size divides."""
+    count = 0
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        nonlocal count
+        weight = getattr(module, "weight", None)
+        ok = hasattr(module, "to_quantized") and weight is not None
+        ok = ok and weight.shape[-1] % group_size == 0
+        count += int(ok)
+        return ok
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return count
+
+
+def kernel_takes(module: nn.Module) -> bool:
+    return (
+        getattr(module, "mode", "affine") == "affine"
+        and getattr(module, "bits", None) in _KERNEL_BITS
+        and getattr(module, "group_size", None) in _KERNEL_GROUPS
+        and "biases" in module
+    )
+
+
+def use_kernel(model: nn.Module) -> int:
+    """Switch the quantized layers the kernel takes onto it; returns how many.
+
+    Their scales and biases become float16 when every value fits its normal range
+    (as llama.cpp stores them): per 64 weights that is 4 bytes instead of 8."""
+    switched = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear and kernel_takes(module):
+            module.__class__ = KernelQuantizedLinear
+        elif type(module) is nn.QuantizedEmbedding and kernel_takes(module):
+            module.__class__ = KernelQuantizedEmbedding
+        else:
+            continue
+        switched += 1
+        _halve_scales(module)
+    return switched
+
+
+def _halve_scales(module: Any) -> None:
+    scales, biases = module["scales"], module["biases"]
+    largest = mx.maximum(mx.abs(scales).max(), mx.abs(biases).max()).item()
+    nonzero = mx.where(scales == 0, mx.array(float("inf"), scales.dtype), mx.abs(scales))
+    if largest < _FLOAT16_MAX and nonzero.min().item() >= _FLOAT16_MIN_NORMAL:
+        module["scales"] = scales.astype(mx.float16)
+        module["biases"] = biases.astype(mx.float16)

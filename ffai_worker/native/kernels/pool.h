@@ -1,0 +1,141 @@
+/* A small fork-safe thread pool that splits one product across cores.
+ *
+ * Included by each kernel library (small_gemm.c, quant_gemm.c): every library gets its
+ * own static pool, started on its first product big enough to share, so a process that
+ * never runs one (a client, a tiny model) never has the threads.
+ *
+ * Workers spin briefly on a generation counter, then sleep. The spin covers the gap
+ * between a decode step's matmuls without holding a core for long after the step
+ * (prefill's OpenBLAS threads want both cores).
+ *
+ * The includer defines CPU_RELAX() and MAX_THREADS before including this file. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#define SPIN_SECONDS 200e-6
+
+typedef void (*pool_task)(const void *ctx, int part, int parts);
+
+static double pool_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int pool_threads = 1;        /* threads running, the caller included */
+static int pool_wanted_threads = 1; /* threads to start on first use */
+static atomic_int pool_started;
+static pthread_mutex_t pool_start_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pool_task pool_current_task;
+static const void *pool_current_ctx;
+static atomic_long pool_generation;
+static atomic_int pool_pending;
+static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* a second calling thread runs alone */
+static long pool_start_generation; /* the generation workers see as done when they start */
+
+static void *pool_worker_main(void *arg) {
+    int part = (int)(intptr_t)arg;
+    long seen = pool_start_generation; /* written before pthread_create, which orders it */
+    for (;;) {
+        long gen = atomic_load_explicit(&pool_generation, memory_order_acquire);
+        double until = pool_seconds() + SPIN_SECONDS;
+        for (int spin = 0; gen == seen; spin++) {
+            CPU_RELAX();
+            gen = atomic_load_explicit(&pool_generation, memory_order_acquire);
+            if ((spin & 63) == 0 && pool_seconds() > until) break;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool_lock);
+            while ((gen = atomic_load(&pool_generation)) == seen)
+                pthread_cond_wait(&pool_wake, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+        }
+        seen = gen;
+        pool_current_task(pool_current_ctx, part, pool_threads);
+        atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void pool_start(void) {
+    pthread_mutex_lock(&pool_start_lock);
+    if (!atomic_load(&pool_started)) {
+        pool_start_generation = atomic_load(&pool_generation);
+        for (int t = 1; t < pool_wanted_threads; t++) {
+            pthread_t thread;
+            if (pthread_create(&thread, NULL, pool_worker_main, (void *)(intptr_t)t) != 0) break;
+            pthread_detach(thread);
+            pool_threads = t + 1;
+        }
+        atomic_store(&pool_started, 1);
+    }
+    pthread_mutex_unlock(&pool_start_lock);
+}
+
+/* Runs task(ctx, part, parts) for every part, the caller taking part 0. With one
+ * thread, or while another caller holds the pool, the caller runs it all alone. */
+static void pool_run(pool_task task, const void *ctx, int share) {
+    if (share && pool_wanted_threads > 1 && !atomic_load(&pool_started)) pool_start();
+    if (!share || pool_threads < 2 || atomic_flag_test_and_set(&pool_busy)) {
+        task(ctx, 0, 1);
+        return;
+    }
+    pool_current_task = task;
+    pool_current_ctx = ctx;
+    atomic_store(&pool_pending, pool_threads - 1);
+    pthread_mutex_lock(&pool_lock);
+    atomic_fetch_add_explicit(&pool_generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    task(ctx, 0, pool_threads);
+    while (atomic_load_explicit(&pool_pending, memory_order_acquire) > 0) CPU_RELAX();
+    atomic_flag_clear(&pool_busy);
+}
+
+/* fork(): a child has only the forking thread, so the pool's workers are gone. Before
+ * the fork no product may be in flight (it would be half done in the child); after
+ * it the child forgets the pool and starts a fresh one on its first shared product. */
+static void pool_before_fork(void) {
+    while (atomic_flag_test_and_set(&pool_busy)) CPU_RELAX();
+    pthread_mutex_lock(&pool_start_lock);
+    pthread_mutex_lock(&pool_lock);
+}
+
+static void pool_after_fork_parent(void) {
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&pool_start_lock);
+    atomic_flag_clear(&pool_busy);
+}
+
+static void pool_after_fork_child(void) {
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&pool_start_lock);
+    pthread_cond_init(&pool_wake, NULL); /* its waiters were the parent's threads */
+    pool_threads = 1;
+    atomic_store(&pool_pending, 0);
+    atomic_store(&pool_started, 0);
+    atomic_flag_clear(&pool_busy);
+}
+
+/* Sets the thread count used from the first shared product on (the caller included). */
+static int pool_configure(int threads) {
+    pool_wanted_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    static int registered;
+    if (!registered && pool_wanted_threads > 1)
+        registered = pthread_atfork(pool_before_fork, pool_after_fork_parent,
+                                    pool_after_fork_child) == 0;
+    return pool_wanted_threads;
+}
+
+/* Chunks of `align` rows keep each thread's writes off its neighbours' cache lines. */
+static void pool_split(int part, int parts, int N, int align, int *n0, int *n1) {
+    int blocks = (N + align - 1) / align;
+    *n0 = (int)((long)blocks * part / parts) * align;
+    *n1 = (int)((long)blocks * (part + 1) / parts) * align;
+    if (*n1 > N) *n1 = N;
+    if (*n0 > N) *n0 = N;
+}

@@ -1,0 +1,39 @@
+/* The quantized matmul kernel's contract (quant_gemm.c), called by the MLX primitive
+ * in quant_ops.cpp. */
+#ifndef FFAI_QUANT_GEMM_H
+#define FFAI_QUANT_GEMM_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* out[M,N] = x[M,K] @ dequant(w)[N,K]^T in MLX's affine format:
+ * w[n, k] = scale[n, k/G] * q[n, k] + bias[n, k/G], q unsigned (bits = 4 or 8), packed
+ * little-endian in uint32 words exactly as mx.quantize writes them (row n has K*bits/32
+ * words; for bits = 4, element k sits in bits 4*(k%8) of word k/8).
+ * x, out: row-major contiguous float32. scales/biases: (N, K/G) contiguous, float32 if
+ * scales_f16 == 0, IEEE half if scales_f16 == 1. G (group_size) in {32, 64, 128};
+ * K % G == 0. The activations are quantized to int8 per row and group (like llama.cpp's
+ * Q8 activations), so the result is within int8 rounding of the float product.
+ * Returns 0, or -1 for arguments it cannot take (then the caller must fall back).
+ * Thread-safe. A row's result does not depend on the other rows. */
+int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, const void *biases,
+                      float *out, int M, int N, int K, int bits, int group_size, int scales_f16);
+
+/* The instruction set in use: "avx512-vnni", "avx2", "generic" (best this CPU has). */
+const char *ffai_quant_isa(void);
+
+/* Threads a shared product uses, the caller included. */
+int ffai_quant_threads(void);
+
+/* Chooses the thread count (< 1: keep) and the instruction set (NULL or "": the best
+ * this CPU has). Returns the thread count, or -1 for an ISA this CPU or build lacks. */
+int ffai_quant_configure(int threads, const char *isa);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,285 @@
+// An MLX primitive that runs our weight-only quantized matmul (quant_gemm.h) on the CPU.
+//
+// MLX's own CPU quantized_matmul is a scalar loop; this primitive puts our kernel in the
+// graph instead, so it works inside mx.compile like any MLX op. Python module:
+// ffai_worker.native._quant (built by setup.py with NB_DOMAIN=mlx so that mx.array
+// objects pass both ways; see setup.py).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+#include "mlx/version.h"
+
+#include "quant_gemm.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+// How often the kernel returned -1 and the scalar loop below ran instead.
+std::atomic<long> g_fallbacks{0};
+// Tests set this to run the scalar loop without a kernel that declines anything.
+std::atomic<bool> g_force_fallback{false};
+
+// Copies `a` (any strides, offset, broadcast) into `dst` in row-major order.
+void gather_row_major(const mx::array& a, char* dst) {
+  const size_t item = a.itemsize();
+  const char* src = a.data<char>();
+  const int nd = static_cast<int>(a.ndim());
+  if (nd == 0 || a.size() == 0) {
+    std::memcpy(dst, src, a.size() * item);
+    return;
+  }
+  const auto& shape = a.shape();
+  const auto& strides = a.strides();
+  const int64_t inner = shape[nd - 1];
+  const int64_t inner_stride = strides[nd - 1];
+  const size_t rows = a.size() / static_cast<size_t>(inner);
+  std::vector<int64_t> idx(nd, 0);
+  int64_t off = 0;  // element offset of the current row's first element
+  for (size_t r = 0; r < rows; ++r) {
+    if (inner_stride == 1) {
+      std::memcpy(dst, src + off * item, inner * item);
+    } else {
+      for (int64_t i = 0; i < inner; ++i) {
+        std::memcpy(dst + i * item, src + (off + i * inner_stride) * item, item);
+      }
+    }
+    dst += inner * item;
+    for (int d = nd - 2; d >= 0; --d) {  // odometer over the outer dims
+      if (++idx[d] < shape[d]) {
+        off += strides[d];
+        break;
+      }
+      off -= strides[d] * (shape[d] - 1);
+      idx[d] = 0;
+    }
+  }
+}
+
+// A pointer to row-contiguous data: the array itself, or a packed copy held by `copy`.
+const void* row_major_ptr(const mx::array& a, std::vector<char>& copy) {
+  if (a.flags().row_contiguous) {
+    return a.data<void>();
+  }
+  copy.resize(a.size() * a.itemsize());
+  gather_row_major(a, copy.data());
+  return copy.data();
+}
+
+float half_bits_to_float(uint16_t h) {
+  mx::float16_t v;
+  std::memcpy(&v, &h, sizeof h);
+  return static_cast<float>(v);
+}
+
+// The contract's reference semantics, for arguments the kernel declines (returns -1).
+void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
+                         const void* biases, float* out, int M, int N, int K, int bits,
+                         int group_size, bool f16) {
+  const int per_word = 32 / bits;
+  const uint32_t mask = (1u << bits) - 1u;
+  const size_t words = static_cast<size_t>(K) * bits / 32;
+  const int groups = K / group_size;
+  auto param = [&](const void* p, size_t i) {
+    return f16 ? half_bits_to_float(static_cast<const uint16_t*>(p)[i])
+               : static_cast<const float*>(p)[i];
+  };
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < N; ++n) {
+      const uint32_t* wr = w + static_cast<size_t>(n) * words;
+      float acc = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const size_t pi = static_cast<size_t>(n) * groups + k / group_size;
+        const uint32_t q = (wr[k / per_word] >> (bits * (k % per_word))) & mask;
+        acc += x[static_cast<size_t>(m) * K + k] *
+            (param(scales, pi) * static_cast<float>(q) + param(biases, pi));
+      }
+      out[static_cast<size_t>(m) * N + n] = acc;
+    }
+  }
+}
+
+class QuantMatmul : public mx::UnaryPrimitive {
+ public:
+  QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16)
+      : mx::UnaryPrimitive(stream),
+        bits_(bits),
+        group_size_(group_size),
+        scales_f16_(scales_f16) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(
+        "[ffai QuantMatmul] has no GPU implementation; run it on a CPU stream (stream=mx.cpu).");
+  }
+
+  std::vector<mx::array> jvp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&) override {
+    throw std::runtime_error("[ffai QuantMatmul] is inference-only: no jvp.");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&, const std::vector<mx::array>&) override {
+    throw std::runtime_error("[ffai QuantMatmul] is inference-only: no vjp.");
+  }
+
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>&,
+                                                            const std::vector<int>&) override {
+    throw std::runtime_error("[ffai QuantMatmul] has no vmap.");
+  }
+
+  const char* name() const override { return "FfaiQuantMatmul"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const QuantMatmul*>(&other);
+    return o != nullptr && o->bits_ == bits_ && o->group_size_ == group_size_ &&
+        o->scales_f16_ == scales_f16_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+ private:
+  int bits_;
+  int group_size_;
+  bool scales_f16_;
+};
+
+void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& in : inputs) {
+    encoder.set_input_array(in);
+  }
+  encoder.set_output_array(out);
+  const int K = inputs[0].shape(-1);
+  const int M = K > 0 ? static_cast<int>(inputs[0].size() / K) : 0;
+  const int N = inputs[1].shape(0);
+  // Weak copies: the eval loop keeps the buffers alive until this task has run
+  // (mlx/backend/cpu/eval.cpp), as MLX's own CPU ops rely on.
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
+                    w = mx::array::unsafe_weak_copy(inputs[1]),
+                    s = mx::array::unsafe_weak_copy(inputs[2]),
+                    b = mx::array::unsafe_weak_copy(inputs[3]),
+                    o = mx::array::unsafe_weak_copy(out), M, N, K, bits = bits_,
+                    gs = group_size_, f16 = scales_f16_]() mutable {
+    if (M == 0 || N == 0) {
+      return;
+    }
+    std::vector<char> cx, cw, cs, cb;  // packed copies of non-contiguous inputs
+    auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
+    auto* wp = static_cast<const uint32_t*>(row_major_ptr(w, cw));
+    const void* sp = row_major_ptr(s, cs);
+    const void* bp = row_major_ptr(b, cb);
+    float* op = o.data<float>();
+    if (g_force_fallback.load(std::memory_order_relaxed) ||
+        ffai_quant_matmul(xp, wp, sp, bp, op, M, N, K, bits, gs, f16 ? 1 : 0) != 0) {
+      g_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      scalar_quant_matmul(xp, wp, sp, bp, op, M, N, K, bits, gs, f16);
+    }
+  });
+}
+
+[[noreturn]] void bad(const std::string& msg) {
+  throw std::invalid_argument("quant_matmul: " + msg);  // ValueError in Python
+}
+
+std::string shape_str(const mx::array& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    s += (i ? ", " : "") + std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
+                const mx::array& biases, int bits, int group_size) {
+  if (bits != 4 && bits != 8) bad("bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    bad("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  }
+  if (x.dtype() != mx::float32) bad("x must be float32");
+  if (x.ndim() < 1) bad("x must have at least one dimension (..., K)");
+  const int K = x.shape(-1);
+  if (K <= 0 || K % group_size != 0) {
+    bad("K = x.shape[-1] = " + std::to_string(K) + " must be a positive multiple of group_size " +
+        std::to_string(group_size));
+  }
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) bad("w must be a 2-D uint32 array (N, K*bits/32)");
+  const int N = w.shape(0);
+  if (w.shape(1) != K * bits / 32) {
+    bad("w has shape " + shape_str(w) + " but K = " + std::to_string(K) + " and bits = " +
+        std::to_string(bits) + " need " + std::to_string(K * bits / 32) + " words per row");
+  }
+  if (scales.dtype() != mx::float32 && scales.dtype() != mx::float16) {
+    bad("scales must be float32 or float16");
+  }
+  if (biases.dtype() != scales.dtype()) bad("biases must have the dtype of scales");
+  for (const auto* p : {&scales, &biases}) {
+    if (p->ndim() != 2 || p->shape(0) != N || p->shape(1) != K / group_size) {
+      bad("scales and biases must have shape (" + std::to_string(N) + ", " +
+          std::to_string(K / group_size) + "), got " + shape_str(*p));
+    }
+  }
+}
+
+mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                       const mx::array& biases, int bits, int group_size,
+                       mx::StreamOrDevice s) {
+  check_args(x, w, scales, biases, bits, group_size);
+  auto stream = mx::to_stream(s);
+  if (stream.device.type != mx::Device::DeviceType::cpu) {
+    bad("runs on the CPU only; pass stream=mx.cpu");
+  }
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(
+      std::move(shape), mx::float32,
+      std::make_shared<QuantMatmul>(stream, bits, group_size, scales.dtype() == mx::float16),
+      {x, w, scales, biases});
+}
+
+}  // namespace
+
+NB_MODULE(_quant, m) {
+  m.doc() = "ffai's weight-only quantized matmul as an MLX primitive (CPU).";
+  nb::module_::import_("mlx.core");  // registers mx.array / mx.Stream with this domain
+
+  m.def("quant_matmul", &quant_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"), nb::arg("stream") = nb::none(),
+        "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32.");
+  m.def("isa", []() { return std::string(ffai_quant_isa()); },
+        "Instruction set the kernel dispatched to on this CPU.");
+  m.def("threads", []() { return ffai_quant_threads(); }, "Threads the kernel uses.");
+  m.def("configure", [](int threads, const std::string& isa) {
+    return ffai_quant_configure(threads, isa.c_str());
+  }, nb::arg("threads"), nb::arg("isa") = "",
+        "Thread count (< 1: keep) and instruction set ('': the best this CPU has); "
+        "returns the thread count, or -1 for an ISA this CPU or build lacks.");
+  m.def("fallbacks", []() { return g_fallbacks.load(); },
+        "How many calls the kernel declined (the scalar loop ran instead).");
+  m.def("_force_fallback", [](bool on) { g_force_fallback.store(on); },
+        "Testing only: bypass the kernel and run the primitive's scalar loop.");
+  m.def("built_for_mlx", []() {
+    return std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
+        std::to_string(MLX_VERSION_PATCH);
+  }, "The mlx version whose headers this module was compiled against.");
+}
