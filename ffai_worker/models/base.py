@@ -8,6 +8,9 @@ laid out as `self.model` = (embed_tokens, layers, norm) plus an optional
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -158,6 +161,17 @@ class RoPE(nn.Module):
             periods, self._mscale = longrope_periods(dims, base, scaling, max_position_embeddings)
             self._freqs = mx.array(periods)
             self._base = None
+        half = dims // 2
+        if self._freqs is not None:
+            self._inverse = 1.0 / self._freqs
+            freqs_key: tuple[float, ...] | None = tuple(self._freqs.tolist())
+        else:  # as mx.fast.rope's CPU fallback computes them, to the bit
+            step = mx.array(-math.log(base) / half, dtype=mx.float32)
+            self._inverse = mx.exp(mx.arange(half, dtype=mx.float32) * step)
+            freqs_key = None
+        mx.eval(self._inverse)
+        # Layers whose RoPE is the same share one set of tables per step.
+        self._table_key = (dims, self._base, self._scale, freqs_key)
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if self._mscale != 1.0:
@@ -167,6 +181,9 @@ class RoPE(nn.Module):
                 x = x * self._mscale
             else:
                 x = mx.concatenate([x[..., :d] * self._mscale, x[..., d:]], axis=-1)
+        memo = getattr(_shared, "memo", None)
+        if memo is not None and isinstance(offset, mx.array) and x.shape[-1] == self.dims:
+            return self._rotate(x, offset, memo)
         return mx.fast.rope(
             x,
             self.dims,
@@ -176,6 +193,54 @@ class RoPE(nn.Module):
             offset=offset,
             freqs=self._freqs,
         )
+
+    def _rotate(self, x: mx.array, offset: mx.array, memo: dict[Any, Any]) -> mx.array:
+        """mx.fast.rope for (B,) offsets inside `shared_rope_tables`, as one fused kernel.
+
+        The arithmetic is the CPU fallback's (same frequencies, same products), so the
+        results are equal; but cos/sin come from `memo`, made once for every layer.
+        """
+        B, H, L, D = x.shape
+        key = (id(offset), L, self._table_key)
+        entry = memo.get(key)
+        if entry is None:  # the entry holds `offset` too, so its id is not reused meanwhile
+            entry = memo[key] = (offset, *self._tables(offset, L))
+        _, c, s = entry
+        x5 = x.reshape(B, H, L, 2, D // 2)  # the two halves rotate_half swaps
+        out = x5 * c + x5[..., ::-1, :] * s
+        return out.reshape(B, H, L, D).astype(x.dtype)
+
+    def _tables(self, offset: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """(cos, cos) and (-sin, sin) for rows at positions offset..offset+length-1."""
+        pos = offset.astype(mx.float32)[:, None] + mx.arange(length, dtype=mx.float32)  # (B, L)
+        if self._scale != 1.0:
+            pos = pos * self._scale
+        theta = pos[..., None] * self._inverse  # (B, L, dims / 2)
+        cos, sin = mx.cos(theta), mx.sin(theta)
+        c = mx.stack([cos, cos], axis=-2)[:, None]  # (B, 1, L, 2, dims / 2)
+        s = mx.stack([-sin, sin], axis=-2)[:, None]
+        return c, s
+
+
+_shared = threading.local()  # .memo: the active shared_rope_tables scope's tables
+
+
+@contextmanager
+def shared_rope_tables() -> Iterator[None]:
+    """Within it (one decode step's trace), RoPE with per-row offsets on the CPU computes
+    cos/sin once per offsets array for all layers and rotates in one fused kernel.
+
+    Why: the CPU has no RoPE kernel. mx.fast.rope runs a generic graph per call (slices,
+    cos/sin, a concatenate) that mx.compile neither fuses nor shares between layers,
+    twice per layer per step (figures: benchmarks/NOTES.md, "step overhead").
+    """
+    outer = getattr(_shared, "memo", None)
+    if outer is None and mx.default_device() == mx.cpu:  # a GPU has a RoPE kernel
+        _shared.memo = {}
+    try:
+        yield
+    finally:
+        _shared.memo = outer
 
 
 # -- layer types, masks and attention ------------------------------------------------------------
