@@ -42,7 +42,7 @@ from ffai_worker.engine import Engine
 from ffai_worker.engine.decoder import BatchedDecoder, attention_width
 from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.types import RequestKey
-from ffai_worker.models.base import shared_rope_tables
+from ffai_worker.models.cpu_ops import cpu_decode_step, scaled_dot_product_attention, silu
 from ffai_worker.native.blas import blas_info
 
 PROMPT = "Once upon a time there was a little girl named Lily who loved to play outside " * 4
@@ -166,11 +166,12 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
 
     def ropes(q: list[mx.array], k: list[mx.array], pos: mx.array) -> list[mx.array]:
         pairs = zip(q, k, strict=True)
-        with shared_rope_tables():  # as in the decode step
+        with cpu_decode_step():  # as in the decode step
             return [r for a, b in pairs for r in (rope(a, offset=pos), rope(b, offset=pos))]
 
     def silu_gates(g: list[mx.array], u: list[mx.array]) -> list[mx.array]:
-        return [nn.silu(a) * b for a, b in zip(g, u, strict=True)]
+        with cpu_decode_step():  # as in the decode step
+            return [silu(a) * b for a, b in zip(g, u, strict=True)]
 
     def attention(
         q: list[mx.array], k1: list[mx.array], pos: mx.array, kv: list[mx.array]
@@ -179,11 +180,12 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
         mask = mx.where(visible, 0.0, float("-inf"))[:, None, None, :]
         index = mx.broadcast_to(pos[:, None, None, None], k1[0].shape)
         outs, new_kv = [], []
-        for i in range(n):
-            k = mx.put_along_axis(kv[i], index, k1[i], axis=2)
-            v = mx.put_along_axis(kv[n + i], index, k1[i], axis=2)
-            new_kv += [k, v]
-            outs.append(mx.fast.scaled_dot_product_attention(q[i], k, v, scale=1.0, mask=mask))
+        with cpu_decode_step():  # as in the decode step
+            for i in range(n):
+                k = mx.put_along_axis(kv[i], index, k1[i], axis=2)
+                v = mx.put_along_axis(kv[n + i], index, k1[i], axis=2)
+                new_kv += [k, v]
+                outs.append(scaled_dot_product_attention(q[i], k, v, scale=1.0, mask=mask))
         return outs, new_kv[::2] + new_kv[1::2]
 
     attend = mx.compile(attention)

@@ -8,15 +8,14 @@ laid out as `self.model` = (embed_tokens, layers, norm) plus an optional
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ffai_worker.models.cpu_ops import scaled_dot_product_attention, step_memo
 
 
 @runtime_checkable
@@ -181,7 +180,7 @@ class RoPE(nn.Module):
                 x = x * self._mscale
             else:
                 x = mx.concatenate([x[..., :d] * self._mscale, x[..., d:]], axis=-1)
-        memo = getattr(_shared, "memo", None)
+        memo = step_memo()
         if memo is not None and isinstance(offset, mx.array) and x.shape[-1] == self.dims:
             return self._rotate(x, offset, memo)
         return mx.fast.rope(
@@ -195,7 +194,7 @@ class RoPE(nn.Module):
         )
 
     def _rotate(self, x: mx.array, offset: mx.array, memo: dict[Any, Any]) -> mx.array:
-        """mx.fast.rope for (B,) offsets inside `shared_rope_tables`, as one fused kernel.
+        """mx.fast.rope for (B,) offsets inside `cpu_decode_step`, as one fused kernel.
 
         The arithmetic is the CPU fallback's (same frequencies, same products), so the
         results are equal; but cos/sin come from `memo`, made once for every layer.
@@ -220,27 +219,6 @@ class RoPE(nn.Module):
         c = mx.stack([cos, cos], axis=-2)[:, None]  # (B, 1, L, 2, dims / 2)
         s = mx.stack([-sin, sin], axis=-2)[:, None]
         return c, s
-
-
-_shared = threading.local()  # .memo: the active shared_rope_tables scope's tables
-
-
-@contextmanager
-def shared_rope_tables() -> Iterator[None]:
-    """Within it (one decode step's trace), RoPE with per-row offsets on the CPU computes
-    cos/sin once per offsets array for all layers and rotates in one fused kernel.
-
-    Why: the CPU has no RoPE kernel. mx.fast.rope runs a generic graph per call (slices,
-    cos/sin, a concatenate) that mx.compile neither fuses nor shares between layers,
-    twice per layer per step (figures: benchmarks/NOTES.md, "step overhead").
-    """
-    outer = getattr(_shared, "memo", None)
-    if outer is None and mx.default_device() == mx.cpu:  # a GPU has a RoPE kernel
-        _shared.memo = {}
-    try:
-        yield
-    finally:
-        _shared.memo = outer
 
 
 # -- layer types, masks and attention ------------------------------------------------------------
@@ -320,7 +298,7 @@ def attention(
     the mask, which the fused kernel cannot do; that path spells it out.
     """
     if softcap is None:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     n_kv, T = k.shape[1], k.shape[2]
     if isinstance(mask, str):  # "causal", spelled out
