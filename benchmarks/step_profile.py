@@ -1,6 +1,7 @@
 """Where one decode step's time goes: weight products vs everything else, at batch 1 and 8.
 
     python benchmarks/step_profile.py [--models qwen2.5-0.5b-random] [--batches 1 8] [--rounds 5]
+                                      [--context 48]
 
 Per batch size it prints, as medians over `--rounds` alternating rounds (the
 dev machine drifts, so every figure of a round is taken back to back):
@@ -45,8 +46,7 @@ from ffai_worker.engine.types import RequestKey
 from ffai_worker.models.cpu_ops import cpu_decode_step, scaled_dot_product_attention, silu
 from ffai_worker.native.blas import blas_info
 
-PROMPT = "Once upon a time there was a little girl named Lily who loved to play outside " * 4
-PROMPT_TOKENS = 48
+PROMPT = "Once upon a time there was a little girl named Lily who loved to play outside "
 Timer = Callable[[], float]
 
 
@@ -64,9 +64,9 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
 class EngineSteps:
     """`batch` greedy requests kept decoding in the real engine; times its steps."""
 
-    def __init__(self, engine: Engine, batch: int, steps: int) -> None:
+    def __init__(self, engine: Engine, batch: int, steps: int, context: int) -> None:
         self.engine, self.batch, self.steps = engine, batch, steps
-        self.ids = engine.tokenize(PROMPT)[:PROMPT_TOKENS]
+        self.ids = engine.tokenize(PROMPT * (context // 8 + 1))[:context]
         self._serial = 0
 
     def _submit(self, tokens: int) -> None:
@@ -207,9 +207,9 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
     return {name: (lambda f=f, args=args: f(*args)) for name, (f, args) in fns.items()}
 
 
-def profile(engine: Engine, batch: int, steps: int, rounds: int) -> dict[str, float]:
+def profile(engine: Engine, batch: int, steps: int, rounds: int, context: int) -> dict[str, float]:
     model = engine.model
-    runner = EngineSteps(engine, batch, steps)
+    runner = EngineSteps(engine, batch, steps, context)
     runner.run()  # traces and kernels for this batch size
     rows: dict[str, list[float]] = {}
     width = 0
@@ -251,6 +251,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None, help="engine steps timed per round")
+    ap.add_argument("--context", type=int, default=48, help="prompt tokens (sets the width)")
     args = ap.parse_args()
     print(f"BLAS: {blas_info()}")
     for name, folder in model_set(args.models).items():
@@ -258,7 +259,7 @@ def main() -> None:
         gc.collect()
         steps = args.steps or (16 if engine.model.num_layers > 8 else 300)
         for batch in args.batches:
-            report(name, batch, profile(engine, batch, steps, args.rounds))
+            report(name, batch, profile(engine, batch, steps, args.rounds, args.context))
 
 
 if __name__ == "__main__":
