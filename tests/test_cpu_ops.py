@@ -11,6 +11,7 @@ import pytest
 
 from ffai_worker.models.base import RoPE
 from ffai_worker.models.cpu_ops import (
+    FAST_EXP_MIN,
     cpu_decode_step,
     fast_exp,
     scaled_dot_product_attention,
@@ -103,16 +104,18 @@ def test_fast_exp_is_mlx_exp_within_an_ulp() -> None:
 
 
 def test_silu_and_attention_inside_the_step_match_mlx() -> None:
-    g = mx.random.normal((4, 1, 300), key=mx.random.key(4)) * 8
+    g = mx.random.normal((4, 1, 3000), key=mx.random.key(4)) * 8
     q = mx.random.normal((3, 6, 2, 16), key=mx.random.key(5))
-    k = mx.random.normal((3, 2, 40, 16), key=mx.random.key(6))
-    v = mx.random.normal((3, 2, 40, 16), key=mx.random.key(7))
-    visible = mx.arange(40)[None, :] <= mx.array([5, 20, 39])[:, None]
+    k = mx.random.normal((3, 2, 600, 16), key=mx.random.key(6))
+    v = mx.random.normal((3, 2, 600, 16), key=mx.random.key(7))
+    visible = mx.arange(600)[None, :] <= mx.array([5, 200, 599])[:, None]
     mask = mx.where(visible, 0.0, -math.inf)[:, None, None, :]
+    assert g.size >= FAST_EXP_MIN and 3 * 6 * 2 * 600 >= FAST_EXP_MIN  # the fast path runs
     with cpu_decode_step():
         got_silu = silu(g)
         got_attn = scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     assert mx.allclose(got_silu, nn.silu(g), rtol=5e-7, atol=1e-7).item()
+    assert not mx.array_equal(got_silu, nn.silu(g)).item()  # it is another computation
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     assert mx.allclose(got_attn, want, rtol=1e-5, atol=1e-6).item()
     # Outside a CPU decode step they are MLX's own ops, to the bit.

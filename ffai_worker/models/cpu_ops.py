@@ -34,6 +34,8 @@ _EXP_POLY = (
     1.0,
 )
 _ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND - _ROUND rounds x to an integer
+# fast_exp is three kernels where MLX's is one: it pays from about this many elements.
+FAST_EXP_MIN = 8192
 
 _state = threading.local()  # .memo: the active step's shared values (RoPE tables), else None
 
@@ -56,7 +58,7 @@ def step_memo() -> dict[Any, Any] | None:
 
 
 def fast_exp(x: mx.array) -> mx.array:
-    """exp(x) for float32 as MLX computes it, in plain multiplies and adds (one fused kernel)."""
+    """exp(x) for float32 with MLX's polynomial in plain multiplies and adds (within an ulp)."""
     y = x * 1.442695  # log2(e)
     whole = (y + _ROUND) - _ROUND
     frac = y - whole
@@ -69,8 +71,13 @@ def fast_exp(x: mx.array) -> mx.array:
     return mx.where(x < -88.0, 0.0, out)
 
 
+def _use_fast_exp(size: int, dtype: mx.Dtype) -> bool:
+    return step_memo() is not None and dtype == mx.float32 and size >= FAST_EXP_MIN
+
+
 def silu(x: mx.array) -> mx.array:
-    if step_memo() is None or x.dtype != mx.float32:
+    """nn.silu; with fast_exp for large float32 inputs inside a CPU decode step."""
+    if not _use_fast_exp(x.size, x.dtype):
         return nn.silu(x)
     y = 1.0 / (1.0 + fast_exp(mx.abs(x)))  # MLX's sigmoid, stable for either sign
     return x * mx.where(x < 0, y, 1.0 - y)
@@ -86,12 +93,13 @@ def scaled_dot_product_attention(
 ) -> mx.array:
     """mx.fast.scaled_dot_product_attention: (B, H, L, D) over (B, Hkv, T, D) -> (B, H, L, D).
 
-    On the CPU that op is the same graph (scale, matmul, mask, softmax, matmul) with MLX's exp.
+    On the CPU that op is the same graph (scale, matmul, mask, softmax, matmul) with MLX's exp;
+    here the softmax uses fast_exp when the scores are large enough.
     """
-    if step_memo() is None or isinstance(mask, str) or q.dtype != mx.float32:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     n_kv, T = k.shape[1], k.shape[2]
+    if isinstance(mask, str) or not _use_fast_exp(B * H * L * T, q.dtype):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     rows = (q * scale).reshape(B, n_kv, H // n_kv * L, D)  # a key head's queries together
     scores = (rows @ k.swapaxes(-1, -2)).reshape(B, H, L, T)
     if mask is not None:
