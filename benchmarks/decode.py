@@ -26,7 +26,7 @@ from models import model_set
 
 import ffai_worker  # noqa: F401 - swap in the fast BLAS before mlx loads
 from ffai_client.types import GenerationParameters
-from ffai_worker.engine import Engine
+from ffai_worker.engine import Engine, EngineConfig
 from ffai_worker.native.blas import blas_info
 
 PROMPT_WORDS = (
@@ -107,7 +107,9 @@ class Peer:
 def bench(
     name: str, folder: Path, prompt_len: int, tokens: int, repeats: int, peer_kernel: bool
 ) -> dict[str, float]:
-    engine = Engine.load(folder)
+    # No prefix cache: every repeat sends the same prompt, which would then be a hit
+    # (prefill would time one token, not the prompt).
+    engine = Engine.load(folder, config=EngineConfig(prompt_cache_bytes=0))
     peer = Peer(folder, peer_kernel)
     print(f"  mlx-lm process BLAS: {peer.blas}")
     prompt_ids = make_prompt_ids(engine, prompt_len)

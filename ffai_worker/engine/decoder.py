@@ -30,6 +30,7 @@ from typing import Any
 import mlx.core as mx
 
 from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.models.cpu_ops import cpu_decode_step
 
 log = logging.getLogger("ffai_worker")
 
@@ -89,7 +90,8 @@ class BatchedDecoder:
         views = [
             _StepView(k, v, positions, index, width) for k, v in zip(keys, values, strict=True)
         ]
-        logits = self.model(inputs, cache=views, mask=mask)[:, -1, :]  # (S, V)
+        with cpu_decode_step():  # RoPE tables once per step; exp without libm calls
+            logits = self.model(inputs, cache=views, mask=mask)[:, -1, :]  # (S, V)
         return logits, [v.keys for v in views], [v.values for v in views]
 
     def __call__(self, inputs: mx.array, decoding: list[bool]) -> mx.array:

@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ffai_worker.models.cpu_ops import scaled_dot_product_attention, step_memo
+
 
 @runtime_checkable
 class LayerCache(Protocol):
@@ -158,6 +160,17 @@ class RoPE(nn.Module):
             periods, self._mscale = longrope_periods(dims, base, scaling, max_position_embeddings)
             self._freqs = mx.array(periods)
             self._base = None
+        half = dims // 2
+        if self._freqs is not None:
+            self._inverse = 1.0 / self._freqs
+            freqs_key: tuple[float, ...] | None = tuple(self._freqs.tolist())
+        else:  # as mx.fast.rope's CPU fallback computes them, to the bit
+            step = mx.array(-math.log(base) / half, dtype=mx.float32)
+            self._inverse = mx.exp(mx.arange(half, dtype=mx.float32) * step)
+            freqs_key = None
+        mx.eval(self._inverse)
+        # Layers whose RoPE is the same share one set of tables per step.
+        self._table_key = (dims, self._base, self._scale, freqs_key)
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if self._mscale != 1.0:
@@ -167,6 +180,9 @@ class RoPE(nn.Module):
                 x = x * self._mscale
             else:
                 x = mx.concatenate([x[..., :d] * self._mscale, x[..., d:]], axis=-1)
+        memo = step_memo()
+        if memo is not None and isinstance(offset, mx.array) and x.shape[-1] == self.dims:
+            return self._rotate(x, offset, memo)
         return mx.fast.rope(
             x,
             self.dims,
@@ -176,6 +192,33 @@ class RoPE(nn.Module):
             offset=offset,
             freqs=self._freqs,
         )
+
+    def _rotate(self, x: mx.array, offset: mx.array, memo: dict[Any, Any]) -> mx.array:
+        """mx.fast.rope for (B,) offsets inside `cpu_decode_step`, as one fused kernel.
+
+        The arithmetic is the CPU fallback's (same frequencies, same products), so the
+        results are equal; but cos/sin come from `memo`, made once for every layer.
+        """
+        B, H, L, D = x.shape
+        key = (id(offset), L, self._table_key)
+        entry = memo.get(key)
+        if entry is None:  # the entry holds `offset` too, so its id is not reused meanwhile
+            entry = memo[key] = (offset, *self._tables(offset, L))
+        _, c, s = entry
+        x5 = x.reshape(B, H, L, 2, D // 2)  # the two halves rotate_half swaps
+        out = x5 * c + x5[..., ::-1, :] * s
+        return out.reshape(B, H, L, D).astype(x.dtype)
+
+    def _tables(self, offset: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """(cos, cos) and (-sin, sin) for rows at positions offset..offset+length-1."""
+        pos = offset.astype(mx.float32)[:, None] + mx.arange(length, dtype=mx.float32)  # (B, L)
+        if self._scale != 1.0:
+            pos = pos * self._scale
+        theta = pos[..., None] * self._inverse  # (B, L, dims / 2)
+        cos, sin = mx.cos(theta), mx.sin(theta)
+        c = mx.stack([cos, cos], axis=-2)[:, None]  # (B, 1, L, 2, dims / 2)
+        s = mx.stack([-sin, sin], axis=-2)[:, None]
+        return c, s
 
 
 # -- layer types, masks and attention ------------------------------------------------------------
@@ -255,7 +298,7 @@ def attention(
     the mask, which the fused kernel cannot do; that path spells it out.
     """
     if softcap is None:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
     n_kv, T = k.shape[1], k.shape[2]
     if isinstance(mask, str):  # "causal", spelled out

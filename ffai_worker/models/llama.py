@@ -28,6 +28,7 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
+from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, T, Dh)
         mask = window_mask(mask, offset, L, k.shape[2], self.window, q.dtype)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
 
 
@@ -147,7 +148,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TransformerBlock(nn.Module):

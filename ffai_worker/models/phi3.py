@@ -29,6 +29,7 @@ from ffai_worker.models.base import (
     rope_type,
     window_mask,
 )
+from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, T, Dh)
         mask = window_mask(mask, offset, L, k.shape[2], self.window, q.dtype)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
 
 
@@ -133,7 +134,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(nn.silu(gate) * up)
+        return self.down_proj(silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -1,0 +1,108 @@
+"""Decode-step versions of the ops MLX runs slowly on the CPU (figures: benchmarks/NOTES.md,
+"Step overhead").
+
+MLX's CPU build computes transcendental functions with scalar SIMD (`max_size = 1`) and a
+libm call per fused multiply-add: exp costs 12-57 ns per element where a multiply costs
+0.5. A decode step spends that in the SiLU gate and the attention softmax. Its RoPE has
+no CPU kernel at all: a generic graph per call that `mx.compile` neither fuses nor
+shares between layers.
+
+Inside `cpu_decode_step()` (the batched decoder enters it while it builds a step, on the
+CPU only) the models use the versions below: the same arithmetic as MLX's CPU kernels,
+rounded once more where MLX fuses a multiply-add (exp differs by at most one ulp).
+Outside it, and on a GPU, they are MLX's own ops.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# MLX's exp (backend/cpu/simd/math.h, from Cephes): 2**x = 2**round(x) * P(fraction).
+_EXP_POLY = (
+    1.535336188319500e-4,
+    1.339887440266574e-3,
+    9.618437357674640e-3,
+    5.550332471162809e-2,
+    2.402264791363012e-1,
+    6.931472028550421e-1,
+    1.0,
+)
+_ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND - _ROUND rounds x to an integer
+# fast_exp is three kernels where MLX's is one: it pays from about this many elements.
+FAST_EXP_MIN = 8192
+
+_state = threading.local()  # .memo: the active step's shared values (RoPE tables), else None
+
+
+@contextmanager
+def cpu_decode_step() -> Iterator[None]:
+    """Build one decode step with the CPU versions of RoPE, SiLU and attention."""
+    outer = getattr(_state, "memo", None)
+    if outer is None and mx.default_device() == mx.cpu:  # a GPU has fast kernels
+        _state.memo = {}
+    try:
+        yield
+    finally:
+        _state.memo = outer
+
+
+def step_memo() -> dict[Any, Any] | None:
+    """Values shared by all layers of the step being built; None outside a CPU decode step."""
+    return getattr(_state, "memo", None)  # type: ignore[no-any-return]
+
+
+def fast_exp(x: mx.array) -> mx.array:
+    """exp(x) for float32 with MLX's polynomial in plain multiplies and adds (within an ulp)."""
+    y = x * 1.442695  # log2(e)
+    whole = (y + _ROUND) - _ROUND
+    frac = y - whole
+    poly = _EXP_POLY[0] * frac + _EXP_POLY[1]
+    for c in _EXP_POLY[2:]:
+        poly = poly * frac + c
+    bits = (mx.clip(whole, -127, 127).astype(mx.int32) + 127) << 23
+    out = poly * bits.view(mx.float32)  # 2**whole * 2**frac
+    out = mx.where(x > 88.0, float("inf"), out)
+    return mx.where(x < -88.0, 0.0, out)
+
+
+def _use_fast_exp(size: int, dtype: mx.Dtype) -> bool:
+    return step_memo() is not None and dtype == mx.float32 and size >= FAST_EXP_MIN
+
+
+def silu(x: mx.array) -> mx.array:
+    """nn.silu; with fast_exp for large float32 inputs inside a CPU decode step."""
+    if not _use_fast_exp(x.size, x.dtype):
+        return nn.silu(x)
+    y = 1.0 / (1.0 + fast_exp(mx.abs(x)))  # MLX's sigmoid, stable for either sign
+    return x * mx.where(x < 0, y, 1.0 - y)
+
+
+def _softmax(scores: mx.array) -> mx.array:
+    e = fast_exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def scaled_dot_product_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | str | None
+) -> mx.array:
+    """mx.fast.scaled_dot_product_attention: (B, H, L, D) over (B, Hkv, T, D) -> (B, H, L, D).
+
+    On the CPU that op is the same graph (scale, matmul, mask, softmax, matmul) with MLX's exp;
+    here the softmax uses fast_exp when the scores are large enough.
+    """
+    B, H, L, D = q.shape
+    n_kv, T = k.shape[1], k.shape[2]
+    if isinstance(mask, str) or not _use_fast_exp(B * H * L * T, q.dtype):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    rows = (q * scale).reshape(B, n_kv, H // n_kv * L, D)  # a key head's queries together
+    scores = (rows @ k.swapaxes(-1, -2)).reshape(B, H, L, T)
+    if mask is not None:
+        scores = scores + mask
+    probs = _softmax(scores).reshape(B, n_kv, H // n_kv * L, T)
+    return (probs @ v).reshape(B, H, L, -1)
