@@ -95,16 +95,23 @@ class EngineSteps:
         return statistics.median(walls), cpu / self.steps, width
 
 
-def linears(model: Any) -> list[nn.Linear]:
-    return [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+def linears(model: Any) -> list[nn.Module]:
+    kinds = (nn.Linear, nn.QuantizedLinear)
+    return [m for _, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def in_dims(m: nn.Module) -> int:
+    """A layer's input width (packed quantized weights hold 32 / bits values a word)."""
+    width = int(m.weight.shape[1])
+    return width * 32 // m.bits if hasattr(m, "bits") else width
 
 
 def products(model: Any, batch: int) -> Callable[[], list[mx.array]]:
     """Every weight product of one decode step (M = batch), as Linear/as_linear calls."""
     layers = linears(model)
     embed = model.model.embed_tokens
-    xs = [mx.random.normal((batch, 1, m.weight.shape[1])) for m in layers]
-    head_x = mx.random.normal((batch, 1, embed.weight.shape[1]))
+    xs = [mx.random.normal((batch, 1, in_dims(m))) for m in layers]
+    head_x = mx.random.normal((batch, 1, in_dims(embed)))
     mx.eval(xs, head_x)
     tied = bool(model.args.tie_word_embeddings)
 
@@ -252,10 +259,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None, help="engine steps timed per round")
     ap.add_argument("--context", type=int, default=48, help="prompt tokens (sets the width)")
+    ap.add_argument("--dtype", default=None, help="float32 (default), q8 or q4")
     args = ap.parse_args()
     print(f"BLAS: {blas_info()}")
     for name, folder in model_set(args.models).items():
-        engine = Engine.load(folder)
+        engine = Engine.load(folder, dtype=args.dtype)
         gc.collect()
         steps = args.steps or (16 if engine.model.num_layers > 8 else 300)
         for batch in args.batches:

@@ -10,6 +10,7 @@
  *
  * The includer defines CPU_RELAX() and MAX_THREADS before including this file. */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
@@ -92,7 +93,14 @@ static void pool_run(pool_task task, const void *ctx, int share) {
     pthread_cond_broadcast(&pool_wake);
     pthread_mutex_unlock(&pool_lock);
     task(ctx, 0, pool_threads);
-    while (atomic_load_explicit(&pool_pending, memory_order_acquire) > 0) CPU_RELAX();
+    /* A worker that is not running (more runnable threads than cores) cannot finish
+     * while this thread spins on its core: after a short spin, give the core away. */
+    for (int spin = 0; atomic_load_explicit(&pool_pending, memory_order_acquire) > 0; spin++) {
+        if (spin < 4096)
+            CPU_RELAX();
+        else
+            sched_yield();
+    }
     atomic_flag_clear(&pool_busy);
 }
 

@@ -97,15 +97,16 @@ static void row_params(const struct qjob *j, int n, float *s, float *b) {
     }
 }
 
-/* Where element i of a block lands: 4-bit SIMD paths put each block's even elements
- * first, then its odd ones, the order a block's 16 bytes of nibbles unpack in. */
-static inline int permuted(int i, int permute) {
-    if (!permute) return i;
-    int r = i % QK;
-    return i - r + ((r & 1) ? QK / 2 + r / 2 : r / 2);
+/* Where element i lands: 4-bit SIMD paths put each chunk's even elements first, then
+ * its odd ones, the order a chunk's bytes of nibbles unpack in (chunk: the SIMD width
+ * in bytes, 64 or 32, a multiple of the activation block; 0: no permutation). */
+static inline int permuted(int i, int chunk) {
+    if (!chunk) return i;
+    int r = i % chunk;
+    return i - r + ((r & 1) ? chunk / 2 + r / 2 : r / 2);
 }
 
-static void quantize_activations(const struct qjob *j, const float *x, int permute, int8_t *x8,
+static void quantize_activations(const struct qjob *j, const float *x, int chunk, int8_t *x8,
                                  float *xd, float *xsum, int32_t *x8sum) {
     for (int m = 0; m < j->M; m++) {
         const float *row = x + (size_t)m * j->K;
@@ -127,7 +128,7 @@ static void quantize_activations(const struct qjob *j, const float *x, int permu
             for (int i = 0; i < QK; i++) {
                 float q = nearbyintf(src[i] * id);
                 int v = q > 127.0f ? 127 : (q < -127.0f ? -127 : (int)q);
-                dst[permuted(i, permute)] = (int8_t)v;
+                dst[permuted(blk * QK + i, chunk) - blk * QK] = (int8_t)v;
                 total += v;
             }
             xd[(size_t)m * j->blocks + blk] = amax / 127.0f;
@@ -178,7 +179,7 @@ static void qrows_generic(const struct qjob *j, int n0, int n1) {
 struct qvariant {
     const char *name;
     qrows_fn q8, q4;
-    int permute; /* 4-bit activations are permuted within blocks (see permuted) */
+    int chunk; /* 4-bit activations are permuted within chunks of this many (permuted) */
     int group_multiple;
     int (*supported)(void);
 };
@@ -188,8 +189,8 @@ static int always(void) { return 1; }
 /* Best first. */
 static const struct qvariant qvariants[] = {
 #ifdef HAVE_X86
-    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 1, 64, has_avx512_vnni},
-    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 1, 32, has_avx2},
+    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 64, 64, has_avx512_vnni},
+    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 32, 32, has_avx2},
 #endif
     {"generic", qrows_generic, qrows_generic, 0, 1, always},
 };
@@ -269,7 +270,7 @@ int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, con
         free(x8), free(xf), free(x8sum);
         return -1;
     }
-    quantize_activations(&j, x, bits == 4 ? v->permute : 0, x8, xf, xf + blocks, x8sum);
+    quantize_activations(&j, x, bits == 4 ? v->chunk : 0, x8, xf, xf + blocks, x8sum);
     j.x8 = x8, j.xd = xf, j.xsum = xf + blocks, j.x8sum = x8sum;
     struct qtask task = {&j, bits == 8 ? v->q8 : v->q4};
     int share = (long)N * K >= (1L << 16) && N >= 32 * pool_wanted_threads;

@@ -43,23 +43,28 @@ T256 static void row_params_f16c(const struct qjob *j, int n, float *s, float *b
 /* ---- AVX512-VNNI --------------------------------------------------------------------- */
 
 /* 64 weights (two activation blocks) as unsigned bytes: 8-bit rows are bytes already;
- * 4-bit rows unpack 32 bytes to, per block, its even (low nibble) then odd elements. */
+ * 4-bit rows unpack 32 bytes to the 64 low nibbles (even elements), then the high ones
+ * (odd elements); the activations are permuted to match (permuted(i, 64)). */
 T512 static inline __m512i w64_q8(const uint8_t *row, int k) {
     return _mm512_loadu_si512((const void *)(row + k));
 }
 
 T512 static inline __m512i w64_q4(const uint8_t *row, int k) {
     __m256i packed = _mm256_loadu_si256((const __m256i *)(row + k / 2));
-    __m256i low = _mm256_and_si256(packed, _mm256_set1_epi8(0x0f));
-    __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0f));
-    const __m512i order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-    return _mm512_permutex2var_epi64(_mm512_castsi256_si512(low), order, _mm512_castsi256_si512(high));
+    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1);
+    return _mm512_and_si512(both, _mm512_set1_epi8(0x0f));
 }
 
-/* The two blocks' scales of a 64-wide chunk: lanes 0-7 and 8-15. */
-T512 static inline __m512 pair512(const float *d) {
-    __m512d low = _mm512_castps_pd(_mm512_set1_ps(d[0]));
-    return _mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd(_mm256_set1_ps(d[1])), 1));
+/* The two blocks' scales of a 64-wide chunk, in the lanes each block's sums land in:
+ * 8-bit, lanes 0-7 and 8-15; 4-bit (evens then odds), lanes 0-3, 8-11 and 4-7, 12-15. */
+T512 static inline __m512 pair512_q8(const float *d) {
+    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)d))));
+}
+
+T512 static inline __m512 pair512_q4(const float *d) {
+    const __m512i lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)d))));
 }
 
 T512 static inline float finish512(__m512 acc, const float *b, const float *xs, int groups) {
@@ -84,7 +89,7 @@ T512 static inline float finish512(__m512 acc, const float *b, const float *xs, 
             for (int k = g * G; k < (g + 1) * G; k += 64) {                                   \
                 __m512 dv[MR];                                                                \
                 for (int c = 0; c < MR; c++)                                                  \
-                    dv[c] = pair512(j->xd + (size_t)(m + c) * j->blocks + k / QK);            \
+                    dv[c] = pair512_q##BITS(j->xd + (size_t)(m + c) * j->blocks + k / QK);    \
                 __m512i wv[NR];                                                               \
                 for (int r = 0; r < NR; r++)                                                  \
                     wv[r] = w64_q##BITS(j->w + (size_t)(n + r) * j->row_bytes, k);            \
@@ -118,7 +123,7 @@ TILE512(4, 1, 1)
 
 #define ROWS(ISA, BITS, TARGET_ATTR)                                                         \
     TARGET_ATTR static void qrows_##ISA##_q##BITS(const struct qjob *j, int n0, int n1) {     \
-        static _Thread_local float s[NB * MAX_GROUPS], b[NB * MAX_GROUPS];                   \
+        float s[NB * MAX_GROUPS], b[NB * MAX_GROUPS]; /* 32 KiB of stack */                 \
         int n = n0;                                                                          \
         for (; n + NB <= n1; n += NB) {                                                      \
             for (int r = 0; r < NB; r++)                                                     \
