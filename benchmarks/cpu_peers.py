@@ -3,7 +3,7 @@
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python \
         -e '.[dev,bench]'    # builds llama.cpp from the llama-cpp-python sdist (~25 min, 2 cores)
     python benchmarks/cpu_peers.py [--models tinystories-260k qwen2.5-0.5b-random]
-        [--precisions f32 q8 q4] [--tokens N] [--repeats N] [--quick] [--no-mlx]
+        [--precisions f32 q8 q4] [--tokens N] [--repeats N] [--quick] [--no-mlx] [--mlx-quant]
 
 Optional: never run by CI or `make test`. The build is native (-march=native: llama.cpp
 at its best on the measuring machine); NOTES.md says why not the runtime-dispatch
@@ -13,7 +13,8 @@ Same checkpoints for every peer: each model folder is converted to GGUF by the
 `convert_hf_to_gguf.py` shipped inside the installed llama-cpp-python's sdist (fetched
 once) at f32 and Q8_0, and Q4_0 by `llama_model_quantize`; files are cached under the
 benchmarks cache dir. Precisions: f32; q8 = ours `dtype="q8"` vs Q8_0 vs mlx-lm 8-bit;
-q4 = ours `dtype="q4"` vs Q4_0 vs mlx-lm 4-bit (mlx-lm's own `convert -q`, group 32).
+q4 = ours `dtype="q4"` vs Q4_0; mlx-lm's own 8/4-bit (`convert -q`, group 32) only with
+`--mlx-quant`: MLX's CPU quantized matmul makes those rows take many minutes on the 0.5B.
 A peer that cannot load a precision prints "n/a (why)".
 
 Per model and precision, repeats alternate the peers (medians): decode tok/s at batch 1,
@@ -50,6 +51,7 @@ from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine
 from ffai_worker.engine.core import EngineConfig
 from ffai_worker.engine.types import LOCAL_CLIENT, RequestKey
+from ffai_worker.native.blas import blas_info
 from ffai_worker.text.tokenizer import Tokenizer
 
 THREADS = 2
@@ -232,7 +234,7 @@ def load_peers(
     }
     for peer, load in loaders.items():
         if peer == "mlx" and not want_mlx:
-            failed[peer] = "n/a (--no-mlx)"
+            failed[peer] = "n/a (not run: --no-mlx, or a quantized row without --mlx-quant)"
             continue
         try:
             peers[peer] = load()
@@ -298,7 +300,8 @@ def quality(peers: dict[str, Any], s: Setup, greedy_tokens: int) -> dict[str, di
 
 def bench(name: str, folder: Path, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every figure for one model at one precision (peers loaded, measured, released)."""
-    peers, failed = load_peers(name, folder, precision, not args.no_mlx)
+    want_mlx = not args.no_mlx and (precision == "f32" or args.mlx_quant)
+    peers, failed = load_peers(name, folder, precision, want_mlx)
     figures: dict[str, Any] = {p: {"error": why} for p, why in failed.items()}
     s = Setup(folder, args.tokens_for(name), args.prefill)
     if "llama" in peers:
@@ -400,6 +403,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 repeat, fewer tokens")
     ap.add_argument("--no-mlx", action="store_true", help="skip mlx-lm")
+    ap.add_argument(
+        "--mlx-quant", action="store_true", help="mlx-lm's q8/q4 too (slow: MLX's CPU q-matmul)"
+    )
     ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run as the mlx-lm child
     args = ap.parse_args()
     if args.peer:
@@ -415,6 +421,7 @@ def main() -> None:
     bw = read_bandwidth(THREADS)
     bandwidth = max(bw.values())
     print("read bandwidth, 2 threads: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"ours: BLAS {blas_info()}")
     print(f"llama.cpp: n_threads={THREADS} (this machine's cores), KV f16, flash-attn auto")
     for name, folder in model_set(args.models).items():
         base = None
