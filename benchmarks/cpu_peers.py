@@ -20,11 +20,12 @@ A peer that cannot load a precision prints "n/a (why)".
 Per model and precision, repeats alternate the peers (medians): decode tok/s at batch 1,
 aggregate decode tok/s of 8 sequences in one batched step (llama.cpp: one `llama_batch`
 with 8 seq_ids per step), prefill tok/s of one 512-token prompt (511 where the context
-is 512). llama.cpp gets n_threads=2 (this machine's cores). Ours runs in this process
-without the prefix cache; mlx-lm in a child process without our small-M matmul kernel,
-as in decode.py. Also: the machine's read bandwidth (two methods), weight bytes read per
-decoded token, decode tok/s ÷ (bandwidth ÷ bytes per token), perplexity of a fixed
-text (tinystories) and greedy agreement of q8/q4 with f32 (share of equal positions).
+is 512). llama.cpp gets n_threads=2 (this machine's cores; `--llama-threads`). Ours
+runs in this process without the prefix cache; mlx-lm in a child process without our
+small-M matmul kernel, as in decode.py. Also: the machine's read bandwidth (two
+methods), weight bytes read per decoded token, decode tok/s ÷ (bandwidth ÷ bytes per
+token), perplexity of a fixed text and greedy agreement of q8/q4 with f32 (share of
+equal positions).
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def bench(name: str, folder: Path, precision: str, args: argparse.Namespace) -> 
     s = Setup(folder, args.tokens_for(name), args.prefill)
     if "llama" in peers:
         try:
-            peers["llama"] = LlamaCpp(peers["llama"], s.n_ctx, BATCH, THREADS)
+            peers["llama"] = LlamaCpp(peers["llama"], s.n_ctx, BATCH, args.llama_threads)
         except Exception as exc:
             figures["llama"] = {"error": na(exc)}
             del peers["llama"]
@@ -340,14 +341,20 @@ def line(label: str, cells: list[str], note: str = "") -> None:
     print(f"  {label:<20}" + "".join(f" {c:>10}" for c in cells) + f"  {note}")
 
 
-def row(label: str, values: list[Value | None], target: float | None = None) -> None:
+def row(
+    label: str, values: list[Value | None], target: float | None = None, spec: str = ".1f"
+) -> None:
     ours, llama = values[0], values[1]
     ratio = ours / llama if isinstance(ours, float) and isinstance(llama, float) else None
     note = ""
     if target is not None:
         met = "met" if ratio is not None and ratio >= target else "NOT met"
         note = f"target >= {target:.1f}x: {met}"
-    line(label, [*(cell(v) for v in values), cell(ratio, ".2f")], note)
+    line(
+        label,
+        [*(cell(v, spec) for v in values), cell(ratio, ".4f" if spec != ".1f" else ".2f")],
+        note,
+    )
 
 
 def get(fig: dict[str, Any], peer: str, key: str) -> Value | None:
@@ -382,7 +389,7 @@ def report(name: str, precision: str, fig: dict[str, Any], bandwidth: float, bas
         met = "met" if isinstance(eff[0], float) and eff[0] >= 0.7 else "NOT met"
         note = f"target ours >= 70%: {met}"
     line("b1 % of bandwidth", [cell(e, ".0%") for e in eff], note)
-    row("perplexity (text)", [get(fig, "ours", "ppl"), get(fig, "llama", "ppl")])
+    row("perplexity (text)", [get(fig, "ours", "ppl"), get(fig, "llama", "ppl")], spec=".4g")
     if base is not None and precision != "f32":
         agree = []
         for peer in ("ours", "llama"):
@@ -403,6 +410,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 repeat, fewer tokens")
     ap.add_argument("--no-mlx", action="store_true", help="skip mlx-lm")
+    ap.add_argument("--llama-threads", type=int, default=THREADS, help="llama.cpp's n_threads")
     ap.add_argument(
         "--mlx-quant", action="store_true", help="mlx-lm's q8/q4 too (slow: MLX's CPU q-matmul)"
     )
@@ -422,7 +430,7 @@ def main() -> None:
     bandwidth = max(bw.values())
     print("read bandwidth, 2 threads: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     print(f"ours: BLAS {blas_info()}")
-    print(f"llama.cpp: n_threads={THREADS} (this machine's cores), KV f16, flash-attn auto")
+    print(f"llama.cpp: n_threads={args.llama_threads} (machine: {THREADS} cores), KV f16")
     for name, folder in model_set(args.models).items():
         base = None
         for precision in args.precisions:
