@@ -76,7 +76,12 @@ kernels = Extension(
 quant = Extension(
     "ffai_worker.native._quant",
     sources=[f"{KERNELS}/quant_ops.cpp"],
-    depends=[f"{KERNELS}/quant_gemm.h", f"{KERNELS}/quant_gemm.c", f"{KERNELS}/quant_gemm_x86.h", f"{KERNELS}/pool.h"],
+    depends=[
+        f"{KERNELS}/quant_gemm.h",
+        f"{KERNELS}/quant_gemm.c",
+        f"{KERNELS}/quant_gemm_x86.h",
+        f"{KERNELS}/pool.h",
+    ],
     include_dirs=[KERNELS],
     extra_compile_args=[
         "-std=c++20",  # mlx's headers are C++20
