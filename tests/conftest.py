@@ -23,6 +23,12 @@ CHAT_TEMPLATES = SHARED / "chat_templates"
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never download, even if the caller allowed it
 
+# A shell without job control starts background commands (`pytest ... &`, some CI
+# runners) with SIGINT ignored, and children inherit that: the tests that press Ctrl-C
+# on a CLI would see it ignored. Tests run those CLIs as from an interactive shell.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     """A loopback TCP port nothing listens on (for a worker, a gateway, or a silent peer)."""
