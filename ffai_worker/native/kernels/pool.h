@@ -32,6 +32,7 @@ static pthread_mutex_t pool_start_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
 static pool_task pool_current_task;
+static int pool_parts = 1; /* parts of the current task: fewer than the threads if lowered */
 static const void *pool_current_ctx;
 static atomic_long pool_generation;
 static atomic_int pool_pending;
@@ -56,7 +57,7 @@ static void *pool_worker_main(void *arg) {
             pthread_mutex_unlock(&pool_lock);
         }
         seen = gen;
-        pool_current_task(pool_current_ctx, part, pool_threads);
+        if (part < pool_parts) pool_current_task(pool_current_ctx, part, pool_parts);
         atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_release);
     }
     return NULL;
@@ -81,18 +82,21 @@ static void pool_start(void) {
  * thread, or while another caller holds the pool, the caller runs it all alone. */
 static void pool_run(pool_task task, const void *ctx, int share) {
     if (share && pool_wanted_threads > 1 && !atomic_load(&pool_started)) pool_start();
-    if (!share || pool_threads < 2 || atomic_flag_test_and_set(&pool_busy)) {
+    /* A count lowered after the start leaves the extra workers idle for this task. */
+    int parts = pool_wanted_threads < pool_threads ? pool_wanted_threads : pool_threads;
+    if (!share || parts < 2 || atomic_flag_test_and_set(&pool_busy)) {
         task(ctx, 0, 1);
         return;
     }
     pool_current_task = task;
     pool_current_ctx = ctx;
+    pool_parts = parts;
     atomic_store(&pool_pending, pool_threads - 1);
     pthread_mutex_lock(&pool_lock);
     atomic_fetch_add_explicit(&pool_generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool_wake);
     pthread_mutex_unlock(&pool_lock);
-    task(ctx, 0, pool_threads);
+    task(ctx, 0, parts);
     /* A worker that is not running (more runnable threads than cores) cannot finish
      * while this thread spins on its core: after a short spin, give the core away. */
     for (int spin = 0; atomic_load_explicit(&pool_pending, memory_order_acquire) > 0; spin++) {

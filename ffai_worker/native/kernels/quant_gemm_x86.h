@@ -40,6 +40,17 @@ T256 static void row_params_f16c(const struct qjob *j, int n, float *s, float *b
     }
 }
 
+/* Rows are read a few hundred bytes each, too short a stream for the hardware
+ * prefetcher to ramp up on: ask for the same chunk of the rows AHEAD rows on, so a
+ * weight matrix larger than the caches (the LM head) streams at memory bandwidth.
+ * Prefetches past the last row are harmless (they never fault). */
+#ifndef AHEAD
+#define AHEAD 16
+#endif
+#define PREFETCH_AHEAD(j, n, NR, k)                                                          \
+    for (int p = 0; p < NR; p++)                                                             \
+        __builtin_prefetch((j)->w + (size_t)((n) + AHEAD + p) * (j)->row_bytes + (size_t)(k) * (j)->bits / 8)
+
 /* ---- AVX512-VNNI --------------------------------------------------------------------- */
 
 /* 64 weights (two activation blocks) as unsigned bytes: 8-bit rows are bytes already;
@@ -87,6 +98,7 @@ T512 static inline float finish512(__m512 acc, const float *b, const float *xs, 
             __m512 sv[NR];                                                                    \
             for (int r = 0; r < NR; r++) sv[r] = _mm512_set1_ps(s[r * MAX_GROUPS + g]);       \
             for (int k = g * G; k < (g + 1) * G; k += 64) {                                   \
+                PREFETCH_AHEAD(j, n, NR, k);                                                  \
                 __m512 dv[MR];                                                                \
                 for (int c = 0; c < MR; c++)                                                  \
                     dv[c] = pair512_q##BITS(j->xd + (size_t)(m + c) * j->blocks + k / QK);    \
@@ -126,6 +138,9 @@ TILE512(4, 1, 1)
         float s[NB * MAX_GROUPS], b[NB * MAX_GROUPS]; /* 32 KiB of stack */                 \
         int n = n0;                                                                          \
         for (; n + NB <= n1; n += NB) {                                                      \
+            size_t ahead = (size_t)(n + AHEAD) * j->groups * (j->f16 ? 2 : 4);               \
+            __builtin_prefetch((const char *)j->scales + ahead);                             \
+            __builtin_prefetch((const char *)j->biases + ahead);                             \
             for (int r = 0; r < NB; r++)                                                     \
                 row_params_f16c(j, n + r, s + r * MAX_GROUPS, b + r * MAX_GROUPS);           \
             int m = 0;                                                                       \
@@ -203,6 +218,7 @@ T256 static inline float finish256(__m256 acc, const float *b, const float *xs, 
             __m256 sv[NR];                                                                    \
             for (int r = 0; r < NR; r++) sv[r] = _mm256_set1_ps(s[r * MAX_GROUPS + g]);       \
             for (int k = g * G; k < (g + 1) * G; k += QK) {                                   \
+                PREFETCH_AHEAD(j, n, NR, k);                                                  \
                 __m256i wv[NR];                                                               \
                 for (int r = 0; r < NR; r++)                                                  \
                     wv[r] = w32_q##BITS(j->w + (size_t)(n + r) * j->row_bytes, k);            \
