@@ -248,3 +248,15 @@ def test_every_instruction_set(isa: str, bits: int, g: int) -> None:
         assert np.array_equal(np.array(qmm(x, params, bits, g)), out)
     finally:
         _quant.configure(threads, best)
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groups_of_32_on_a_width_not_a_multiple_of_64(bits: int) -> None:
+    """K = 96: the AVX-512 path reads 64 at a time, so a narrower path must take it."""
+    params = weights(256, 96, bits, 32, True)
+    x = activations((5, 96), seed=4)
+    out = qmm(x, params, bits, 32)
+    check(out, x, params[3], 32)
+    alone = qmm(x[2:3], params, bits, 32)
+    assert np.array_equal(np.array(alone)[0], np.array(out)[2])

@@ -180,7 +180,7 @@ struct qvariant {
     const char *name;
     qrows_fn q8, q4;
     int chunk; /* 4-bit activations are permuted within chunks of this many (permuted) */
-    int group_multiple;
+    int group_multiple, k_multiple; /* the group sizes and widths it takes */
     int (*supported)(void);
 };
 
@@ -189,10 +189,10 @@ static int always(void) { return 1; }
 /* Best first. */
 static const struct qvariant qvariants[] = {
 #ifdef HAVE_X86
-    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 64, 64, has_avx512_vnni},
-    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 32, 32, has_avx2},
+    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 64, 32, 64, has_avx512_vnni},
+    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 32, 32, 32, has_avx2},
 #endif
-    {"generic", qrows_generic, qrows_generic, 0, 1, always},
+    {"generic", qrows_generic, qrows_generic, 0, 1, 1, always},
 };
 enum { N_VARIANTS = sizeof qvariants / sizeof qvariants[0] };
 
@@ -227,11 +227,12 @@ const char *ffai_quant_isa(void) {
 
 int ffai_quant_threads(void) { return pool_wanted_threads; }
 
-/* The best variant this call's group size allows, from the chosen one down. */
-static const struct qvariant *variant_for(int group_size) {
+/* The best variant this call's shape allows, from the chosen one down. */
+static const struct qvariant *variant_for(int group_size, int K) {
     if (chosen_variant < 0) chosen_variant = best_variant();
     for (int i = chosen_variant; i < N_VARIANTS; i++)
-        if (qvariants[i].supported() && group_size % qvariants[i].group_multiple == 0)
+        if (qvariants[i].supported() && group_size % qvariants[i].group_multiple == 0 &&
+            K % qvariants[i].k_multiple == 0)
             return &qvariants[i];
     return &qvariants[N_VARIANTS - 1];
 }
@@ -258,7 +259,7 @@ int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, con
         long online = sysconf(_SC_NPROCESSORS_ONLN); /* until the caller says otherwise */
         pool_configure(online > 0 ? (int)online : 1);
     }
-    const struct qvariant *v = variant_for(group_size);
+    const struct qvariant *v = variant_for(group_size, K);
     struct qjob j = {M, N, K, bits, group_size, K / group_size, K / QK, (size_t)K * bits / 8,
                      (const uint8_t *)w, scales, biases, scales_f16 != 0,
                      NULL, NULL, NULL, NULL, out};

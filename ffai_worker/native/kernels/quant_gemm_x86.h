@@ -94,10 +94,14 @@ T512 static inline float finish512(__m512 acc, const float *b, const float *xs, 
         for (int r = 0; r < NR; r++)                                                          \
             for (int c = 0; c < MR; c++) acc[r][c] = _mm512_setzero_ps();                     \
         const int G = j->G, groups = j->groups;                                               \
-        for (int g = 0; g < groups; g++) {                                                    \
+        for (int g = 0; g < groups; g += G < 64 ? 2 : 1) {                                    \
+            /* A chunk of 64 spans one group, or two of 32: their scales go in the       */   \
+            /* lanes of their activation blocks, as the blocks' scales do.               */   \
             __m512 sv[NR];                                                                    \
-            for (int r = 0; r < NR; r++) sv[r] = _mm512_set1_ps(s[r * MAX_GROUPS + g]);       \
-            for (int k = g * G; k < (g + 1) * G; k += 64) {                                   \
+            for (int r = 0; r < NR; r++)                                                      \
+                sv[r] = G < 64 ? pair512_q##BITS(s + r * MAX_GROUPS + g)                      \
+                               : _mm512_set1_ps(s[r * MAX_GROUPS + g]);                       \
+            for (int k = g * G; k < (g + 1) * G || k < g * G + 64; k += 64) {                 \
                 PREFETCH_AHEAD(j, n, NR, k);                                                  \
                 __m512 dv[MR];                                                                \
                 for (int c = 0; c < MR; c++)                                                  \
