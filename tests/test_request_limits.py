@@ -263,11 +263,13 @@ def test_frames_beyond_the_wait_bound_are_busy(hostile_folder: Path) -> None:
     """1100 pings behind a request being prepared: 1024 wait and are answered in order,
     the rest get `busy` at once; every frame gets exactly one answer.
 
-    Known flake, cause not found (it predates #16's work): in some runs no ping is held
-    at all; all 1100 are answered in order, interleaved with the generate's chunks, as
-    if the preparation had not deferred them. Such a run is checked for what must hold
-    anyway (one answer per frame, in order) and the scenario is tried again on a new
-    worker, at most four times."""
+    The case needs the worker to *read* all 1100 pings while the ~0.12 s render runs.
+    It reads at most 256 frames a tick, and the render holds the GIL (pure-Python
+    Jinja), so some runs get only one or two ticks in: 255 or 511 pings are held, the
+    rest are read after the preparation and answered normally, in order, none over the
+    bound (found with worker-side prints; it predates #16). That run is correct but not
+    the case under test: it is checked for one in-order answer per frame and the
+    scenario is tried again on a new worker, at most four times."""
     for _ in range(4):
         worker = WorkerProcess(hostile_folder, "--max-batch", "4")
         try:
@@ -278,9 +280,11 @@ def test_frames_beyond_the_wait_bound_are_busy(hostile_folder: Path) -> None:
         pongs = [f["id"] for f in frames if f["type"] == "pong"]
         assert [f["stats"]["generated_tokens"] for f in frames if "stats" in f] == [2]
         assert sorted(busy + pongs) == sorted(f"p{i}" for i in range(1100))
-        if busy:
+        if len(busy) == 1100 - 1024:
             break
-        assert pongs == [f"p{i}" for i in range(1100)]
+        # Not all read in time: the first 1024 held at most, any refused ones next.
+        assert busy == [f"p{i}" for i in range(1024, 1024 + len(busy))]
+        assert pongs == [f"p{i}" for i in range(1100) if f"p{i}" not in busy]
     assert all(f["code"] == "busy" for f in frames if f["type"] == "error")
     assert len(busy) == 1100 - 1024 and len(pongs) == 1024, (len(busy), len(pongs))
     assert pongs == [f"p{i}" for i in range(1024)]  # held frames keep their order
