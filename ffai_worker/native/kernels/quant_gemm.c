@@ -49,7 +49,7 @@ struct qjob {
     const uint8_t *w;
     const void *scales, *biases;
     int f16;
-    const int8_t *x8;     /* (M, K); 4-bit SIMD paths permute each block (see permuted) */
+    const int8_t *x8;     /* (M, K); 4-bit SIMD paths permute each chunk (see permuted) */
     const float *xd;      /* (M, blocks): each block's int8 scale */
     const float *xsum;    /* (M, groups): sum of the float activations of each weight group */
     const int32_t *x8sum; /* (M, blocks): sum of each block's int8 activations */

@@ -15,8 +15,8 @@ extern "C" {
  * words; for bits = 4, element k sits in bits 4*(k%8) of word k/8).
  * x, out: row-major contiguous float32. scales/biases: (N, K/G) contiguous, float32 if
  * scales_f16 == 0, IEEE half if scales_f16 == 1. G (group_size) in {32, 64, 128};
- * K % G == 0. The activations are quantized to int8 per row and group (like llama.cpp's
- * Q8 activations), so the result is within int8 rounding of the float product.
+ * K % G == 0. The activations are quantized to int8 per row and block of 32 (like
+ * llama.cpp's Q8_0 activations), so the result is within int8 rounding of the float product.
  * Returns 0, or -1 for arguments it cannot take (then the caller must fall back).
  * Thread-safe. A row's result does not depend on the other rows. */
 int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, const void *biases,
