@@ -80,6 +80,7 @@ quant = Extension(
         f"{KERNELS}/quant_gemm.h",
         f"{KERNELS}/quant_gemm.c",
         f"{KERNELS}/quant_gemm_x86.h",
+        f"{KERNELS}/quant_packed_x86.h",
         f"{KERNELS}/pool.h",
     ],
     include_dirs=[KERNELS],
@@ -131,7 +132,12 @@ class BuildExt(build_ext):
             output_dir=tmp,
             include_dirs=[KERNELS],
             extra_postargs=C_FLAGS,
-            depends=[f"{KERNELS}/quant_gemm.h", f"{KERNELS}/quant_gemm_x86.h", f"{KERNELS}/pool.h"],
+            depends=[
+                f"{KERNELS}/quant_gemm.h",
+                f"{KERNELS}/quant_gemm_x86.h",
+                f"{KERNELS}/quant_packed_x86.h",
+                f"{KERNELS}/pool.h",
+            ],
         )
         ext.extra_objects = objects
         ext.include_dirs = [*ext.include_dirs, *nb_includes, str(mlx_dir / "include")]

@@ -69,9 +69,16 @@ def check(out: mx.array, x: mx.array, wd: mx.array, g: int, *, tight: bool = Tru
         assert np.all(err <= bound), f"max err/bound {np.max(err / bound):.3g}"
 
 
-def qmm(x: mx.array, params: tuple[mx.array, ...], bits: int, g: int) -> mx.array:
+def qmm(
+    x: mx.array, params: tuple[mx.array, ...], bits: int, g: int, *, packed: bool = False
+) -> mx.array:
+    """The product on MLX's row-major layout, or on `quant.pack`'s (the model's) layout."""
     wq, scales, biases = params[:3]
-    return quant.quant_matmul(x, wq, scales, biases, bits=bits, group_size=g)
+    if not packed:
+        return quant.quant_matmul(x, wq, scales, biases, bits=bits, group_size=g)
+    n = wq.shape[0]
+    wq, scales, biases = (quant.pack(a) for a in (wq, scales, biases))
+    return quant.quant_matmul(x, wq, scales, biases, bits=bits, group_size=g, packed_n=n)
 
 
 @needs_ext
@@ -97,10 +104,65 @@ def test_matches_float64_reference_n4864(m: int, k: int, cfg: tuple[int, int, bo
 
 
 @needs_ext
+@pytest.mark.parametrize(
+    "m,n,cfg",
+    [
+        (m, n, CONFIGS[i % len(CONFIGS)])
+        for i, (m, n) in enumerate(itertools.product(MS, (64, 200, 4864, 16 * 3 + 1)))
+    ],
+)
+def test_packed_layout_matches_float64_reference(
+    m: int, n: int, cfg: tuple[int, int, bool]
+) -> None:
+    """The packed layout: one SIMD lane per row; N = 200 and 49 leave a part-filled block."""
+    bits, g, f16 = cfg
+    params = weights(n, 896, bits, g, f16)
+    x = activations((m, 896), seed=m + n)
+    out = qmm(x, params, bits, g, packed=True)
+    assert out.shape == (m, n)
+    check(out, x, params[3], g)
+
+
+@needs_ext
+@pytest.mark.parametrize("bits,g", [(4, 32), (8, 128), (4, 128)])
+def test_packed_layout_on_narrow_widths(bits: int, g: int) -> None:
+    """K = 128 and 96 (a block of 16 rows then holds few words), including K < 64."""
+    for k in (128, 96) if g == 32 else (128,):
+        params = weights(200, k, bits, g, True)
+        x = activations((5, k), seed=k)
+        check(qmm(x, params, bits, g, packed=True), x, params[3], g)
+
+
+def test_pack_unpack_and_row_lookup_round_trip() -> None:
+    wq, scales, biases, _ = weights(200, 128, 4, 64, True)
+    for a in (wq, scales, biases):
+        packed = quant.pack(a)
+        assert packed.shape == (13, a.shape[1], 16) and packed.dtype == a.dtype
+        assert np.array_equal(np.array(quant.unpack(packed, 200)), np.array(a))
+        ids = mx.array([[0, 15, 16], [199, 100, 7]])
+        assert np.array_equal(np.array(quant.packed_rows(packed, ids)), np.array(a)[np.array(ids)])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_layout_without_the_kernel_uses_mlx(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the kernel off, packed weights are unpacked for MLX's own op."""
+    monkeypatch.setenv(quant.ENV_VAR, "0")
+    params = weights(200, 896, bits, 64, True)
+    x = activations((3, 896))
+    check(qmm(x, params, bits, 64, packed=True), x, params[3], 64, tight=False)
+
+
+@needs_ext
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bits,g,f16", [(4, 64, False), (8, 32, True)])
-def test_inside_mx_compile(bits: int, g: int, f16: bool) -> None:
+def test_inside_mx_compile(bits: int, g: int, f16: bool, packed: bool) -> None:
     params = weights(4864, 896, bits, g, f16)
-    step = lambda x: mx.tanh(qmm(x, params, bits, g)) * 2.0  # noqa: E731
+
+    def step(x: mx.array) -> mx.array:
+        return mx.tanh(qmm(x, params, bits, g, packed=packed)) * 2.0
+
     fns = [mx.compile(step), mx.compile(step, shapeless=True)]  # shapeless: output_shapes
     for m in (1, 8, 8, 3):  # repeated shape: the traced graph is reused
         x = activations((m, 896), seed=m)
@@ -142,14 +204,15 @@ def test_non_contiguous_inputs_are_copied() -> None:
 
 
 @needs_ext
-@pytest.mark.parametrize("bits,n", [(4, 4864), (8, 4864), (4, 64)])
-def test_batch_invariance(bits: int, n: int) -> None:
-    """Row r of an 8-row product is bit-identical to that row computed alone."""
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bits,n", [(4, 4864), (8, 4864), (4, 64), (8, 200)])
+def test_batch_invariance(bits: int, n: int, packed: bool) -> None:
+    """Row r of a 9-row product is bit-identical to that row computed alone."""
     params = weights(n, 896, bits, 64, False)
-    x = activations((8, 896), seed=3)
-    full = np.array(qmm(x, params, bits, 64))
-    for r in range(8):
-        alone = np.array(qmm(x[r : r + 1], params, bits, 64))
+    x = activations((9, 896), seed=3)
+    full = np.array(qmm(x, params, bits, 64, packed=packed))
+    for r in range(9):
+        alone = np.array(qmm(x[r : r + 1], params, bits, 64, packed=packed))
         assert np.array_equal(full[r : r + 1], alone), f"row {r}"
 
 
@@ -183,6 +246,32 @@ def test_bad_arguments_raise_value_error(
         quant.quant_matmul(**args)  # type: ignore[arg-type]
 
 
+def _bad_packed_cases() -> list[tuple[str, dict[str, object], str]]:
+    return [
+        ("rows", {"packed_n": 40}, r"packed w must be uint32 \(3, 16, 16\)"),
+        ("negative", {"packed_n": -1}, "packed_n must be >= 0"),
+        ("row-major w", {"w": mx.zeros((64, 16), dtype=mx.uint32)}, "packed w must be"),
+        ("scales", {"scales": mx.zeros((4, 1, 16))}, r"shape \(4, 2, 16\)"),
+        ("biases", {"biases": mx.zeros((4, 2, 8))}, r"shape \(4, 2, 16\)"),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "name,change,message", _bad_packed_cases(), ids=[c[0] for c in _bad_packed_cases()]
+)
+def test_bad_packed_arguments_raise_value_error(
+    name: str, change: dict[str, object], message: str
+) -> None:
+    wq, scales, biases, _ = weights(64, 128, 4, 64, False)
+    args: dict[str, object] = {"x": mx.zeros((2, 128)), "w": quant.pack(wq)}
+    args.update(scales=quant.pack(scales), biases=quant.pack(biases), bits=4, group_size=64)
+    args.update(packed_n=64)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        quant.quant_matmul(**args)  # type: ignore[arg-type]
+
+
 @needs_ext
 def test_no_gradient() -> None:
     params = weights(64, 128, 8, 64, False)
@@ -199,17 +288,20 @@ def test_describe_names_the_kernel_and_mlx_version() -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bits,g,f16", [(4, 32, True), (8, 128, False)])
-def test_primitive_scalar_loop_for_declined_arguments(bits: int, g: int, f16: bool) -> None:
+def test_primitive_scalar_loop_for_declined_arguments(
+    bits: int, g: int, f16: bool, packed: bool
+) -> None:
     """The loop the primitive runs when the kernel returns -1 meets the same bounds."""
     from ffai_worker.native import _quant
 
-    params = weights(4864, 896, bits, g, f16)
+    params = weights(4864 + 5 * packed, 896, bits, g, f16)
     x = activations((3, 896), seed=11)
     before = _quant.fallbacks()
     _quant._force_fallback(True)
     try:
-        out = qmm(x, params, bits, g)
+        out = qmm(x, params, bits, g, packed=packed)
         mx.eval(out)
     finally:
         _quant._force_fallback(False)
@@ -226,9 +318,10 @@ def test_fallback_mlx_op_matches_reference(bits: int, g: int, f16: bool) -> None
 
 
 @needs_ext
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("isa", ["avx512-vnni", "avx2", "generic"])
 @pytest.mark.parametrize("bits,g", [(4, 64), (8, 64), (4, 32), (8, 128)])
-def test_every_instruction_set(isa: str, bits: int, g: int) -> None:
+def test_every_instruction_set(isa: str, bits: int, g: int, packed: bool) -> None:
     """Each ISA variant meets the bound and is batch-invariant; threads change nothing."""
     from ffai_worker.native import _quant
 
@@ -237,15 +330,15 @@ def test_every_instruction_set(isa: str, bits: int, g: int) -> None:
         pytest.skip(f"this CPU has no {isa}")
     threads = _quant.threads()
     try:
-        params = weights(4864, 896, bits, g, True)
+        params = weights(4864 + 8 * packed, 896, bits, g, True)
         x = activations((9, 896), seed=3)
-        out = np.array(qmm(x, params, bits, g))
+        out = np.array(qmm(x, params, bits, g, packed=packed))
         check(mx.array(out), x, params[3], g)
         for row in (0, 5, 8):
-            alone = np.array(qmm(x[row : row + 1], params, bits, g))
+            alone = np.array(qmm(x[row : row + 1], params, bits, g, packed=packed))
             assert np.array_equal(alone[0], out[row]), row
         _quant.configure(1, isa)
-        assert np.array_equal(np.array(qmm(x, params, bits, g)), out)
+        assert np.array_equal(np.array(qmm(x, params, bits, g, packed=packed)), out)
     finally:
         _quant.configure(threads, best)
 

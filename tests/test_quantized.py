@@ -102,9 +102,12 @@ def test_quantize_at_load_keeps_tinystories_quality() -> None:
         assert kernel_layers(model), info.notes
         assert isinstance(model.model.embed_tokens, KernelQuantizedEmbedding)
         scores[dtype] = perplexity(model, ids)
-    # Measured: f32 2.48, q8 2.50 (+0.9 %), q4 2.69 (+8.6 %; a 260k-parameter model is
-    # fragile at 4 bits). A wrong nibble order or scale gives perplexities in the hundreds.
-    assert scores["q8"] <= 1.02 * dense, (dense, scores)
+    # Measured: f32 2.48, q8 2.49-2.54, q4 2.69 (+8.6 %; a 260k-parameter model is fragile
+    # at 4 bits). q8's spread is chaos, not bias: its 64-wide activations are rounded to
+    # int8 per 32, so a 1e-6 relative change of the inputs moves q8's perplexity within
+    # 2.47-2.51 (row layout) or 2.49-2.54 (packed). A wrong nibble order or scale gives
+    # perplexities in the hundreds.
+    assert scores["q8"] <= 1.04 * dense, (dense, scores)
     assert scores["q4"] <= 1.15 * dense, (dense, scores)
 
 

@@ -21,6 +21,7 @@ _ext: ModuleType | None = None
 _why_off: str = ""
 ENV_VAR = "FFAI_QUANT_KERNEL"  # "0"/"off": MLX's own op; an ISA name: that instruction set
 THREADS_ENV = "FFAI_QUANT_THREADS"
+PACK_ROWS = 16  # rows per block of the packed layout: one per SIMD lane
 _OFF = {"0", "off", "no", "false"}
 
 
@@ -92,6 +93,29 @@ def _fallback_matmul(
     )
 
 
+def pack(a: mx.array) -> mx.array:
+    """A `(N, C)` weight, scale or bias array in the kernel's packed layout `(Np/16, C, 16)`.
+
+    Rows go in blocks of 16 (zero rows pad N up to a multiple of 16) and item c of a
+    block's 16 rows sits side by side. A block's weights are then one contiguous stream,
+    and one SIMD load holds a word of 16 rows, each lane summing its own row
+    (`kernels/quant_packed_x86.h`). Pack `w`, `scales` and `biases` alike."""
+    pad = -a.shape[0] % PACK_ROWS
+    if pad:
+        a = mx.concatenate([a, mx.zeros((pad, a.shape[1]), a.dtype)])
+    return mx.contiguous(a.reshape(-1, PACK_ROWS, a.shape[1]).swapaxes(1, 2))
+
+
+def unpack(a: mx.array, n: int) -> mx.array:
+    """`pack`'s inverse: the first `n` rows, `(n, C)`."""
+    return a.swapaxes(1, 2).reshape(-1, a.shape[1])[:n]
+
+
+def packed_rows(a: mx.array, ids: mx.array) -> mx.array:
+    """Rows `ids` (any shape) of a packed array, `ids.shape + (C,)`: an embedding lookup."""
+    return a[ids // PACK_ROWS, :, ids % PACK_ROWS]
+
+
 def quant_matmul(
     x: mx.array,
     w: mx.array,
@@ -100,15 +124,19 @@ def quant_matmul(
     *,
     bits: int,
     group_size: int,
+    packed_n: int = 0,
 ) -> mx.array:
     """`x[..., K] @ dequantize(w, scales, biases)^T` -> float32 `[..., N]`.
 
     MLX's affine format as `mx.quantize` writes it: `w` uint32 `(N, K*bits/32)`,
-    `scales`/`biases` float32 or float16 `(N, K/group_size)`; `x` float32.
+    `scales`/`biases` float32 or float16 `(N, K/group_size)`; `x` float32. With
+    `packed_n = N > 0`, all three are in `pack`'s layout instead.
     """
     if _ext is None or not available():
+        if packed_n:
+            w, scales, biases = (unpack(a, packed_n) for a in (w, scales, biases))
         return _fallback_matmul(x, w, scales, biases, bits, group_size)
     # CPU-only primitive: keep the caller's stream (e.g. `with mx.stream(...)`) when the
     # default device is the CPU, and name the CPU only where the default is a GPU.
     stream = None if mx.default_device() == mx.cpu else mx.cpu
-    return _ext.quant_matmul(x, w, scales, biases, bits, group_size, stream=stream)
+    return _ext.quant_matmul(x, w, scales, biases, bits, group_size, packed_n, stream=stream)

@@ -45,6 +45,7 @@ enum { MAX_THREADS = 64, MAX_GROUPS = 1024, NB = 4, MB = 4, QK = 32 };
 
 struct qjob {
     int M, N, K, bits, G, groups, blocks; /* blocks: K / QK activation blocks */
+    int packed;           /* the packed layout (quant_gemm.h): lanes of 16 rows */
     size_t row_bytes;
     const uint8_t *w;
     const void *scales, *biases;
@@ -82,8 +83,23 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
+/* Where row n's group g (or word g) sits in a (rows, count) array, or in its packed
+ * (rows/16, count, 16) form. */
+static inline size_t param_index(const struct qjob *j, int n, int g, int count) {
+    if (!j->packed) return (size_t)n * count + g;
+    return ((size_t)(n / 16) * count + g) * 16 + n % 16;
+}
+
 /* A row's scales and biases as float32 (converted once per row block). */
 static void row_params(const struct qjob *j, int n, float *s, float *b) {
+    if (j->packed) { /* generic path only: the SIMD packed tiles load lanes of 16 rows */
+        for (int g = 0; g < j->groups; g++) {
+            size_t at = param_index(j, n, g, j->groups);
+            s[g] = j->f16 ? half_to_float(((const uint16_t *)j->scales)[at]) : ((const float *)j->scales)[at];
+            b[g] = j->f16 ? half_to_float(((const uint16_t *)j->biases)[at]) : ((const float *)j->biases)[at];
+        }
+        return;
+    }
     size_t at = (size_t)n * j->groups;
     if (!j->f16) {
         memcpy(s, (const float *)j->scales + at, sizeof(float) * j->groups);
@@ -137,10 +153,11 @@ static void quantize_activations(const struct qjob *j, const float *x, int chunk
     }
 }
 
-static inline int weight_at(const struct qjob *j, const uint8_t *row, int k) {
-    if (j->bits == 8) return row[k];
-    uint8_t byte = row[k / 2];
-    return (k & 1) ? byte >> 4 : byte & 0x0f;
+static inline int weight_at(const struct qjob *j, int n, int k) {
+    const int per_word = 32 / j->bits;
+    uint32_t word;
+    memcpy(&word, j->w + 4 * param_index(j, n, k / per_word, j->K / per_word), sizeof word);
+    return (int)((word >> (j->bits * (k % per_word))) & ((1u << j->bits) - 1));
 }
 
 /* ---- generic: plain C, any CPU -------------------------------------------------------- */
@@ -149,7 +166,6 @@ static void qrows_generic(const struct qjob *j, int n0, int n1) {
     float s[MAX_GROUPS], b[MAX_GROUPS];
     const int per_group = j->G / QK;
     for (int n = n0; n < n1; n++) {
-        const uint8_t *row = j->w + (size_t)n * j->row_bytes;
         row_params(j, n, s, b);
         for (int m = 0; m < j->M; m++) {
             const int8_t *xq = j->x8 + (size_t)m * j->K;
@@ -159,7 +175,7 @@ static void qrows_generic(const struct qjob *j, int n0, int n1) {
                 float group = 0.0f;
                 for (int blk = g * per_group; blk < (g + 1) * per_group; blk++) {
                     int32_t isum = 0;
-                    for (int k = blk * QK; k < (blk + 1) * QK; k++) isum += weight_at(j, row, k) * xq[k];
+                    for (int k = blk * QK; k < (blk + 1) * QK; k++) isum += weight_at(j, n, k) * xq[k];
                     group += (float)isum * xd[blk];
                 }
                 acc += group * s[g];
@@ -172,14 +188,16 @@ static void qrows_generic(const struct qjob *j, int n0, int n1) {
 
 #ifdef HAVE_X86
 #include "quant_gemm_x86.h"
+#include "quant_packed_x86.h"
 #endif
 
 /* ---- dispatch ------------------------------------------------------------------------ */
 
 struct qvariant {
     const char *name;
-    qrows_fn q8, q4;
+    qrows_fn q8, q4, packed8, packed4; /* packed*: the packed layout, rows n0..n1 */
     int chunk; /* 4-bit activations are permuted within chunks of this many (permuted) */
+    int packed_chunk; /* the same, for the packed layout */
     int group_multiple, k_multiple; /* the group sizes and widths it takes */
     int (*supported)(void);
 };
@@ -189,10 +207,11 @@ static int always(void) { return 1; }
 /* Best first. */
 static const struct qvariant qvariants[] = {
 #ifdef HAVE_X86
-    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, 64, 32, 64, has_avx512_vnni},
-    {"avx2", qrows_avx2_q8, qrows_avx2_q4, 32, 32, 32, has_avx2},
+    {"avx512-vnni", qrows_avx512_q8, qrows_avx512_q4, prows_avx512_q8, prows_avx512_q4, 64, 8, 32,
+     64, has_avx512_vnni},
+    {"avx2", qrows_avx2_q8, qrows_avx2_q4, prows_avx2_q8, prows_avx2_q4, 32, 8, 32, 32, has_avx2},
 #endif
-    {"generic", qrows_generic, qrows_generic, 0, 1, 1, always},
+    {"generic", qrows_generic, qrows_generic, qrows_generic, qrows_generic, 0, 0, 1, 1, always},
 };
 enum { N_VARIANTS = sizeof qvariants / sizeof qvariants[0] };
 
@@ -227,12 +246,13 @@ const char *ffai_quant_isa(void) {
 
 int ffai_quant_threads(void) { return pool_wanted_threads; }
 
-/* The best variant this call's shape allows, from the chosen one down. */
-static const struct qvariant *variant_for(int group_size, int K) {
+/* The best variant this call's shape allows, from the chosen one down (the packed
+ * tiles take any group size and width the contract allows). */
+static const struct qvariant *variant_for(int group_size, int K, int packed) {
     if (chosen_variant < 0) chosen_variant = best_variant();
     for (int i = chosen_variant; i < N_VARIANTS; i++)
-        if (qvariants[i].supported() && group_size % qvariants[i].group_multiple == 0 &&
-            K % qvariants[i].k_multiple == 0)
+        if (qvariants[i].supported() && (packed || (group_size % qvariants[i].group_multiple == 0 &&
+                                                    K % qvariants[i].k_multiple == 0)))
             return &qvariants[i];
     return &qvariants[N_VARIANTS - 1];
 }
@@ -249,8 +269,9 @@ static void qrows_task(const void *ctx, int part, int parts) {
     if (n0 < n1) t->rows(t->job, n0, n1);
 }
 
-int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, const void *biases,
-                      float *out, int M, int N, int K, int bits, int group_size, int scales_f16) {
+static int quant_matmul(const float *x, const uint32_t *w, const void *scales, const void *biases,
+                        float *out, int M, int N, int K, int bits, int group_size, int scales_f16,
+                        int packed) {
     if (!x || !w || !scales || !biases || !out || M < 1 || N < 1 || K < 1) return -1;
     if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128))
         return -1;
@@ -259,8 +280,8 @@ int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, con
         long online = sysconf(_SC_NPROCESSORS_ONLN); /* until the caller says otherwise */
         pool_configure(online > 0 ? (int)online : 1);
     }
-    const struct qvariant *v = variant_for(group_size, K);
-    struct qjob j = {M, N, K, bits, group_size, K / group_size, K / QK, (size_t)K * bits / 8,
+    const struct qvariant *v = variant_for(group_size, K, packed);
+    struct qjob j = {M, N, K, bits, group_size, K / group_size, K / QK, packed, (size_t)K * bits / 8,
                      (const uint8_t *)w, scales, biases, scales_f16 != 0,
                      NULL, NULL, NULL, NULL, out};
     size_t blocks = (size_t)M * j.blocks, groups = (size_t)M * j.groups;
@@ -271,11 +292,24 @@ int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, con
         free(x8), free(xf), free(x8sum);
         return -1;
     }
-    quantize_activations(&j, x, bits == 4 ? v->chunk : 0, x8, xf, xf + blocks, x8sum);
+    int chunk = bits == 8 ? 0 : (packed ? v->packed_chunk : v->chunk);
+    quantize_activations(&j, x, chunk, x8, xf, xf + blocks, x8sum);
     j.x8 = x8, j.xd = xf, j.xsum = xf + blocks, j.x8sum = x8sum;
-    struct qtask task = {&j, bits == 8 ? v->q8 : v->q4};
+    qrows_fn rows = packed ? (bits == 8 ? v->packed8 : v->packed4) : (bits == 8 ? v->q8 : v->q4);
+    struct qtask task = {&j, rows};
     int share = (long)N * K >= (1L << 16) && N >= 32 * pool_wanted_threads;
     pool_run(qrows_task, &task, share);
     free(x8), free(xf), free(x8sum);
     return 0;
+}
+
+int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, const void *biases,
+                      float *out, int M, int N, int K, int bits, int group_size, int scales_f16) {
+    return quant_matmul(x, w, scales, biases, out, M, N, K, bits, group_size, scales_f16, 0);
+}
+
+int ffai_quant_matmul_packed(const float *x, const uint32_t *w, const void *scales,
+                             const void *biases, float *out, int M, int N, int K, int bits,
+                             int group_size, int scales_f16) {
+    return quant_matmul(x, w, scales, biases, out, M, N, K, bits, group_size, scales_f16, 1);
 }

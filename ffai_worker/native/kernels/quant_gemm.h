@@ -22,6 +22,16 @@ extern "C" {
 int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, const void *biases,
                       float *out, int M, int N, int K, int bits, int group_size, int scales_f16);
 
+/* The same product on weights in the packed layout (quant.py's pack): rows in blocks of
+ * 16, N padded to Np = 16 * ceil(N / 16) with zero rows; w as (Np/16, K*bits/32, 16)
+ * uint32, word i of a block's 16 rows side by side, and scales/biases as (Np/16, K/G, 16).
+ * A block's weights are then one contiguous stream, and one SIMD load holds a word of
+ * each of 16 rows: each lane accumulates its own row, with no horizontal sums. N is the
+ * true output width (out is (M, N)). Same return value and guarantees as above. */
+int ffai_quant_matmul_packed(const float *x, const uint32_t *w, const void *scales,
+                             const void *biases, float *out, int M, int N, int K, int bits,
+                             int group_size, int scales_f16);
+
 /* The instruction set in use: "avx512-vnni", "avx2", "generic" (best this CPU has). */
 const char *ffai_quant_isa(void);
 

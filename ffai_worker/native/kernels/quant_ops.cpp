@@ -86,25 +86,32 @@ float half_bits_to_float(uint16_t h) {
   return static_cast<float>(v);
 }
 
+// Where row n's item i sits in a (rows, count) array, or in the packed (rows/16, count,
+// 16) layout (quant_gemm.h).
+size_t item_index(bool packed, int n, size_t i, size_t count) {
+  if (!packed) return static_cast<size_t>(n) * count + i;
+  return (static_cast<size_t>(n / 16) * count + i) * 16 + n % 16;
+}
+
 // The contract's reference semantics, for arguments the kernel declines (returns -1).
 void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
                          const void* biases, float* out, int M, int N, int K, int bits,
-                         int group_size, bool f16) {
+                         int group_size, bool f16, bool packed) {
   const int per_word = 32 / bits;
   const uint32_t mask = (1u << bits) - 1u;
   const size_t words = static_cast<size_t>(K) * bits / 32;
-  const int groups = K / group_size;
+  const size_t groups = K / group_size;
   auto param = [&](const void* p, size_t i) {
     return f16 ? half_bits_to_float(static_cast<const uint16_t*>(p)[i])
                : static_cast<const float*>(p)[i];
   };
   for (int m = 0; m < M; ++m) {
     for (int n = 0; n < N; ++n) {
-      const uint32_t* wr = w + static_cast<size_t>(n) * words;
       float acc = 0.0f;
       for (int k = 0; k < K; ++k) {
-        const size_t pi = static_cast<size_t>(n) * groups + k / group_size;
-        const uint32_t q = (wr[k / per_word] >> (bits * (k % per_word))) & mask;
+        const size_t pi = item_index(packed, n, k / group_size, groups);
+        const uint32_t word = w[item_index(packed, n, k / per_word, words)];
+        const uint32_t q = (word >> (bits * (k % per_word))) & mask;
         acc += x[static_cast<size_t>(m) * K + k] *
             (param(scales, pi) * static_cast<float>(q) + param(biases, pi));
       }
@@ -115,11 +122,13 @@ void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
 
 class QuantMatmul : public mx::UnaryPrimitive {
  public:
-  QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16)
+  // packed_n > 0: the weights are in the packed layout and the output has packed_n columns.
+  QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16, int packed_n)
       : mx::UnaryPrimitive(stream),
         bits_(bits),
         group_size_(group_size),
-        scales_f16_(scales_f16) {}
+        scales_f16_(scales_f16),
+        packed_n_(packed_n) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
 
@@ -148,12 +157,12 @@ class QuantMatmul : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const QuantMatmul*>(&other);
     return o != nullptr && o->bits_ == bits_ && o->group_size_ == group_size_ &&
-        o->scales_f16_ == scales_f16_;
+        o->scales_f16_ == scales_f16_ && o->packed_n_ == packed_n_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
-    shape.back() = inputs[1].shape(0);
+    shape.back() = packed_n_ > 0 ? packed_n_ : inputs[1].shape(0);
     return {shape};
   }
 
@@ -161,6 +170,7 @@ class QuantMatmul : public mx::UnaryPrimitive {
   int bits_;
   int group_size_;
   bool scales_f16_;
+  int packed_n_;
 };
 
 void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -172,7 +182,7 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   encoder.set_output_array(out);
   const int K = inputs[0].shape(-1);
   const int M = K > 0 ? static_cast<int>(inputs[0].size() / K) : 0;
-  const int N = inputs[1].shape(0);
+  const int N = packed_n_ > 0 ? packed_n_ : inputs[1].shape(0);
   // Weak copies: the eval loop keeps the buffers alive until this task has run
   // (mlx/backend/cpu/eval.cpp), as MLX's own CPU ops rely on.
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
@@ -180,7 +190,7 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
                     s = mx::array::unsafe_weak_copy(inputs[2]),
                     b = mx::array::unsafe_weak_copy(inputs[3]),
                     o = mx::array::unsafe_weak_copy(out), M, N, K, bits = bits_,
-                    gs = group_size_, f16 = scales_f16_]() mutable {
+                    gs = group_size_, f16 = scales_f16_, packed = packed_n_ > 0]() mutable {
     if (M == 0 || N == 0) {
       return;
     }
@@ -190,10 +200,11 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     const void* sp = row_major_ptr(s, cs);
     const void* bp = row_major_ptr(b, cb);
     float* op = o.data<float>();
+    auto kernel = packed ? ffai_quant_matmul_packed : ffai_quant_matmul;
     if (g_force_fallback.load(std::memory_order_relaxed) ||
-        ffai_quant_matmul(xp, wp, sp, bp, op, M, N, K, bits, gs, f16 ? 1 : 0) != 0) {
+        kernel(xp, wp, sp, bp, op, M, N, K, bits, gs, f16 ? 1 : 0) != 0) {
       g_fallbacks.fetch_add(1, std::memory_order_relaxed);
-      scalar_quant_matmul(xp, wp, sp, bp, op, M, N, K, bits, gs, f16);
+      scalar_quant_matmul(xp, wp, sp, bp, op, M, N, K, bits, gs, f16, packed);
     }
   });
 }
@@ -210,8 +221,32 @@ std::string shape_str(const mx::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+void check_packed(const mx::array& w, const mx::array& scales, const mx::array& biases, int K,
+                  int bits, int group_size, int n) {
+  const int blocks = (n + 15) / 16;
+  const std::string want_w = "(" + std::to_string(blocks) + ", " + std::to_string(K * bits / 32) +
+      ", 16)";
+  if (w.dtype() != mx::uint32 || w.ndim() != 3 || w.shape(0) != blocks ||
+      w.shape(1) != K * bits / 32 || w.shape(2) != 16) {
+    bad("packed w must be uint32 " + want_w + " for n = " + std::to_string(n) + ", got " +
+        shape_str(w));
+  }
+  if (scales.dtype() != mx::float32 && scales.dtype() != mx::float16) {
+    bad("scales must be float32 or float16");
+  }
+  if (biases.dtype() != scales.dtype()) bad("biases must have the dtype of scales");
+  for (const auto* p : {&scales, &biases}) {
+    if (p->ndim() != 3 || p->shape(0) != blocks || p->shape(1) != K / group_size ||
+        p->shape(2) != 16) {
+      bad("packed scales and biases must have shape (" + std::to_string(blocks) + ", " +
+          std::to_string(K / group_size) + ", 16), got " + shape_str(*p));
+    }
+  }
+}
+
+// packed_n > 0: w, scales and biases are in the packed layout for packed_n rows.
 void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
-                const mx::array& biases, int bits, int group_size) {
+                const mx::array& biases, int bits, int group_size, int packed_n) {
   if (bits != 4 && bits != 8) bad("bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128) {
     bad("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
@@ -222,6 +257,11 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
   if (K <= 0 || K % group_size != 0) {
     bad("K = x.shape[-1] = " + std::to_string(K) + " must be a positive multiple of group_size " +
         std::to_string(group_size));
+  }
+  if (packed_n < 0) bad("packed_n must be >= 0, got " + std::to_string(packed_n));
+  if (packed_n > 0) {
+    check_packed(w, scales, biases, K, bits, group_size, packed_n);
+    return;
   }
   if (w.dtype() != mx::uint32 || w.ndim() != 2) bad("w must be a 2-D uint32 array (N, K*bits/32)");
   const int N = w.shape(0);
@@ -242,19 +282,19 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
-                       const mx::array& biases, int bits, int group_size,
+                       const mx::array& biases, int bits, int group_size, int packed_n,
                        mx::StreamOrDevice s) {
-  check_args(x, w, scales, biases, bits, group_size);
+  check_args(x, w, scales, biases, bits, group_size, packed_n);
   auto stream = mx::to_stream(s);
   if (stream.device.type != mx::Device::DeviceType::cpu) {
     bad("runs on the CPU only; pass stream=mx.cpu");
   }
   auto shape = x.shape();
-  shape.back() = w.shape(0);
-  return mx::array(
-      std::move(shape), mx::float32,
-      std::make_shared<QuantMatmul>(stream, bits, group_size, scales.dtype() == mx::float16),
-      {x, w, scales, biases});
+  shape.back() = packed_n > 0 ? packed_n : w.shape(0);
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<QuantMatmul>(stream, bits, group_size,
+                                                 scales.dtype() == mx::float16, packed_n),
+                   {x, w, scales, biases});
 }
 
 }  // namespace
@@ -264,8 +304,10 @@ NB_MODULE(_quant, m) {
   nb::module_::import_("mlx.core");  // registers mx.array / mx.Stream with this domain
 
   m.def("quant_matmul", &quant_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
-        nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"), nb::arg("stream") = nb::none(),
-        "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32.");
+        nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"), nb::arg("packed_n") = 0,
+        nb::arg("stream") = nb::none(),
+        "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32. "
+        "packed_n > 0: w, scales, biases in the packed layout (quant.pack) of packed_n rows.");
   m.def("isa", []() { return std::string(ffai_quant_isa()); },
         "Instruction set the kernel dispatched to on this CPU.");
   m.def("threads", []() { return ffai_quant_threads(); }, "Threads the kernel uses.");
