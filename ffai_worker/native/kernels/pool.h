@@ -6,16 +6,21 @@
  *
  * Workers spin briefly on a generation counter, then sleep. The spin covers the gap
  * between a decode step's matmuls without holding a core for long after the step
- * (prefill's OpenBLAS threads want both cores).
+ * (prefill's OpenBLAS threads want both cores). Where the pool has every core this
+ * process may use, workers do not spin at all: the gaps between products are where
+ * MLX's own thread runs the small ops and the Python thread builds the next step, and
+ * a spinning worker takes their core (0.5B q8 decode on 2 cores: 48 -> 35 ms a step,
+ * benchmarks/NOTES.md).
  *
  * The includer defines CPU_RELAX() and MAX_THREADS before including this file. */
 #include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
 
-#define SPIN_SECONDS 200e-6
+#define SPIN_MICROSECONDS 200
 
 typedef void (*pool_task)(const void *ctx, int part, int parts);
 
@@ -25,6 +30,7 @@ static double pool_seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
+static atomic_int pool_spin_us = SPIN_MICROSECONDS; /* 0 where the pool has every core */
 static int pool_threads = 1;        /* threads running, the caller included */
 static int pool_wanted_threads = 1; /* threads to start on first use */
 static atomic_int pool_started;
@@ -44,8 +50,9 @@ static void *pool_worker_main(void *arg) {
     long seen = pool_start_generation; /* written before pthread_create, which orders it */
     for (;;) {
         long gen = atomic_load_explicit(&pool_generation, memory_order_acquire);
-        double until = pool_seconds() + SPIN_SECONDS;
-        for (int spin = 0; gen == seen; spin++) {
+        int spin_us = atomic_load_explicit(&pool_spin_us, memory_order_relaxed);
+        double until = spin_us ? pool_seconds() + 1e-6 * spin_us : 0.0;
+        for (int spin = 0; gen == seen && spin_us; spin++) {
             CPU_RELAX();
             gen = atomic_load_explicit(&pool_generation, memory_order_acquire);
             if ((spin & 63) == 0 && pool_seconds() > until) break;
@@ -133,9 +140,20 @@ static void pool_after_fork_child(void) {
     atomic_flag_clear(&pool_busy);
 }
 
+/* Cores this process may run on. */
+static int pool_cpus(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? (int)online : 1;
+}
+
 /* Sets the thread count used from the first shared product on (the caller included). */
 static int pool_configure(int threads) {
     pool_wanted_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+    atomic_store(&pool_spin_us, pool_wanted_threads >= pool_cpus() ? 0 : SPIN_MICROSECONDS);
     static int registered;
     if (!registered && pool_wanted_threads > 1)
         registered = pthread_atfork(pool_before_fork, pool_after_fork_parent,

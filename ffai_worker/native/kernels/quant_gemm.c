@@ -17,7 +17,7 @@
  * so a row's result does not depend on the other rows of the product (batch
  * invariance, tested). Instruction sets are chosen at run time (no -march flag).
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* sched_getaffinity (pool.h) */
 #include "quant_gemm.h"
 
 #include <math.h>

@@ -21,7 +21,7 @@
  * compiled once per instruction set with function target attributes and chosen at
  * run time with __builtin_cpu_supports. No dependencies but pthreads.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* sched_getaffinity (pool.h) */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
