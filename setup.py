@@ -81,6 +81,7 @@ quant = Extension(
         f"{KERNELS}/quant_gemm.c",
         f"{KERNELS}/quant_gemm_x86.h",
         f"{KERNELS}/quant_packed_x86.h",
+        f"{KERNELS}/act_kernels.h",
         f"{KERNELS}/pool.h",
     ],
     include_dirs=[KERNELS],
@@ -136,6 +137,7 @@ class BuildExt(build_ext):
                 f"{KERNELS}/quant_gemm.h",
                 f"{KERNELS}/quant_gemm_x86.h",
                 f"{KERNELS}/quant_packed_x86.h",
+                f"{KERNELS}/act_kernels.h",
                 f"{KERNELS}/pool.h",
             ],
         )

@@ -7,6 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from ffai_worker.models.base import RoPE
@@ -16,7 +17,9 @@ from ffai_worker.models.cpu_ops import (
     fast_exp,
     scaled_dot_product_attention,
     silu,
+    silu_mul,
 )
+from ffai_worker.native import quant
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -104,7 +107,9 @@ def test_fast_exp_is_mlx_exp_within_an_ulp() -> None:
     assert mx.isnan(fast_exp(mx.array([math.nan]))).item()
 
 
-def test_silu_and_attention_inside_the_step_match_mlx() -> None:
+def test_silu_and_attention_inside_the_step_match_mlx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the native kernels: the decode step's own versions (fast_exp)."""
+    monkeypatch.setenv(quant.ENV_VAR, "0")
     g = mx.random.normal((4, 1, 3000), key=mx.random.key(4)) * 8
     q = mx.random.normal((3, 6, 2, 16), key=mx.random.key(5))
     k = mx.random.normal((3, 2, 600, 16), key=mx.random.key(6))
@@ -122,3 +127,105 @@ def test_silu_and_attention_inside_the_step_match_mlx() -> None:
     # Outside a CPU decode step they are MLX's own ops, to the bit.
     assert mx.array_equal(silu(g), nn.silu(g)).item()
     assert mx.array_equal(scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask), want).item()
+
+
+# -- the native kernels (kernels/act_kernels.h), where the extension is built -----------------
+
+needs_native = pytest.mark.skipif(quant.native_ops() is None, reason=quant.describe())
+
+
+def _silu64(g: np.ndarray) -> np.ndarray:
+    return g / (1.0 + np.exp(-g))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(5,), (3, 17), (2, 512, 4864), (1, 1, 4864)])
+def test_native_silu_mul_matches_float64(shape: tuple[int, ...]) -> None:
+    g = mx.random.normal(shape, key=mx.random.key(1)) * 6
+    u = mx.random.normal(shape, key=mx.random.key(2))
+    want = _silu64(np.array(g, dtype=np.float64)) * np.array(u, dtype=np.float64)
+    err = np.abs(np.array(silu_mul(g, u), dtype=np.float64) - want)
+    mlx_err = np.abs(np.array(nn.silu(g) * u, dtype=np.float64) - want)
+    # as close as MLX's own ops, and within a few float32 ulps of each element
+    assert err.max() <= 2 * mlx_err.max() and np.all(err <= 1e-6 * np.abs(want) + 1e-12)
+    # a slice computed alone is the same to the bit (no dependence on the split)
+    flat_g, flat_u = g.reshape(-1), u.reshape(-1)
+    part = np.array(silu_mul(flat_g[3:40], flat_u[3:40]))
+    assert np.array_equal(part, np.array(silu_mul(flat_g, flat_u)).reshape(-1)[3:40])
+
+
+@needs_native
+def test_native_silu_mul_edges_and_views() -> None:
+    g = mx.array([0.0, -0.0, 1e-30, -100.0, 100.0, 88.5, -88.5, math.inf, -math.inf, math.nan])
+    got = np.array(silu_mul(g, mx.ones_like(g)))
+    want = np.array(nn.silu(g))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)  # inf * 0 is NaN in both
+    big = mx.random.normal((64, 300), key=mx.random.key(3))
+    view = big.T  # non-contiguous: copied, same result
+    assert np.array_equal(
+        np.array(silu_mul(view, view)), np.array(silu_mul(*(mx.array(np.array(view)),) * 2))
+    )
+
+
+def _softmax64(x: np.ndarray, causal: bool) -> np.ndarray:
+    x = x.astype(np.float64)
+    if causal:
+        L, T = x.shape[-2:]
+        visible = np.arange(T)[None, :] <= np.arange(L)[:, None] + (T - L)
+        x = np.where(visible, x, -np.inf)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@needs_native
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(3, 1, 37), (2, 14, 64, 64), (1, 3, 100, 612), (2, 5, 16)])
+def test_native_softmax_matches_float64(shape: tuple[int, ...], causal: bool) -> None:
+    ext = quant.native_ops()
+    x = mx.random.normal(shape, key=mx.random.key(4)) * 10
+    got = np.array(ext.softmax(x, causal=causal), dtype=np.float64)
+    want = _softmax64(np.array(x), causal)
+    mlx = mx.softmax(x + mx.array(np.where(want == 0, -np.inf, 0.0), mx.float32), axis=-1)
+    mlx_err = np.abs(np.array(mlx, dtype=np.float64) - want)
+    assert np.abs(got - want).max() <= 2 * mlx_err.max() + 1e-12
+    assert np.all(np.abs(got - want) <= 2e-5 * want + 1e-12)
+    assert np.all(got[want == 0] == 0)  # masked columns are exactly 0
+    rows = x.reshape(-1, shape[-2], shape[-1])
+    alone = np.array(ext.softmax(rows[1:2], causal=causal))  # a batch row alone, to the bit
+    assert np.array_equal(alone[0], np.array(ext.softmax(rows, causal=causal))[1])
+
+
+@needs_native
+def test_native_ops_work_compiled_and_refuse_bad_input() -> None:
+    ext = quant.native_ops()
+    x = mx.random.normal((4, 33), key=mx.random.key(5))
+    step = mx.compile(lambda a: ext.softmax(silu_mul(a, a) * 0.5, causal=True))
+    assert np.array_equal(
+        np.array(step(x)), np.array(ext.softmax(silu_mul(x, x) * 0.5, causal=True))
+    )
+    with pytest.raises(ValueError, match="float32"):
+        ext.silu_mul(x.astype(mx.float16), x.astype(mx.float16))
+    with pytest.raises(ValueError, match="one shape"):
+        ext.silu_mul(x, x[:2])
+    with pytest.raises(ValueError, match="L <= T"):
+        ext.softmax(mx.zeros((5, 3)), causal=True)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["causal", "additive", "bool", "none"])
+def test_native_attention_matches_mlx(kind: str) -> None:
+    """cpu_ops.scaled_dot_product_attention on the native softmax: prefill (L < T, a cached
+    prefix: causal keys 0..T-L+i) and decode-shaped masks, against MLX's own op."""
+    q = mx.random.normal((2, 6, 40, 16), key=mx.random.key(6))
+    k = mx.random.normal((2, 2, 100, 16), key=mx.random.key(7))
+    v = mx.random.normal((2, 2, 100, 16), key=mx.random.key(8))
+    visible = mx.arange(100)[None, :] <= mx.arange(40)[:, None] + 60
+    mask: Any = {
+        "causal": "causal",
+        "additive": mx.where(visible, 0.0, -math.inf),
+        "bool": visible,
+        "none": None,
+    }[kind]
+    got = scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()

@@ -28,7 +28,7 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
-from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu
+from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu_mul
 
 
 @dataclass
@@ -148,7 +148,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -29,7 +29,7 @@ from ffai_worker.models.base import (
     rope_type,
     window_mask,
 )
-from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu
+from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu_mul
 
 
 @dataclass
@@ -134,7 +134,7 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class TransformerBlock(nn.Module):

@@ -66,6 +66,14 @@ def available() -> bool:
     return _ext is not None and os.environ.get(ENV_VAR, "").strip().lower() not in _OFF
 
 
+def native_ops() -> ModuleType | None:
+    """The extension, for its elementwise kernels (`silu_mul`, `softmax`), when it is
+    loaded and not turned off and the default device is the CPU; else None."""
+    if _ext is None or not available() or mx.default_device() != mx.cpu:
+        return None
+    return _ext
+
+
 def describe() -> str:
     """One line for start-up messages: what runs quantized matmuls, or why not ours."""
     if _ext is None:

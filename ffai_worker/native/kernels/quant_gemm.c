@@ -215,8 +215,8 @@ static const struct qvariant qvariants[] = {
 };
 enum { N_VARIANTS = sizeof qvariants / sizeof qvariants[0] };
 
-static int chosen_variant = -1;
-static atomic_int configured; /* threads set, by the caller or on the first product */ /* index into qvariants; -1: not chosen yet */
+static int chosen_variant = -1; /* index into qvariants; -1: not chosen yet */
+static atomic_int configured; /* threads set, by the caller or on the first product */
 
 static int best_variant(void) {
     for (int i = 0; i < N_VARIANTS; i++)
@@ -257,6 +257,8 @@ static const struct qvariant *variant_for(int group_size, int K, int packed) {
     return &qvariants[N_VARIANTS - 1];
 }
 
+#include "act_kernels.h"
+
 struct qtask {
     const struct qjob *job;
     qrows_fn rows;
@@ -277,8 +279,7 @@ static int quant_matmul(const float *x, const uint32_t *w, const void *scales, c
         return -1;
     if (K % group_size || K / group_size > MAX_GROUPS) return -1;
     if (!atomic_exchange(&configured, 1)) {
-        long online = sysconf(_SC_NPROCESSORS_ONLN); /* until the caller says otherwise */
-        pool_configure(online > 0 ? (int)online : 1);
+        pool_configure(pool_cpus()); /* until the caller says otherwise */
     }
     const struct qvariant *v = variant_for(group_size, K, packed);
     struct qjob j = {M, N, K, bits, group_size, K / group_size, K / QK, packed, (size_t)K * bits / 8,

@@ -3,6 +3,7 @@
 #ifndef FFAI_QUANT_GEMM_H
 #define FFAI_QUANT_GEMM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -31,6 +32,15 @@ int ffai_quant_matmul(const float *x, const uint32_t *w, const void *scales, con
 int ffai_quant_matmul_packed(const float *x, const uint32_t *w, const void *scales,
                              const void *biases, float *out, int M, int N, int K, int bits,
                              int group_size, int scales_f16);
+
+/* out[i] = silu(g[i]) * u[i], float32, with MLX's exp polynomial (act_kernels.h). */
+void ffai_silu_mul(const float *g, const float *u, float *out, size_t n);
+
+/* Softmax of each row of x (rows, cols) into out. causal_length > 0: row r attends only
+ * its first causal_offset + r % causal_length + 1 columns (the rest get 0), the causal
+ * mask of a (.., L, T) score block with L = causal_length and T - L = causal_offset. */
+void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causal_length,
+                       int causal_offset);
 
 /* The instruction set in use: "avx512-vnni", "avx2", "generic" (best this CPU has). */
 const char *ffai_quant_isa(void);

@@ -120,37 +120,43 @@ void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
   }
 }
 
-class QuantMatmul : public mx::UnaryPrimitive {
+// What every primitive here shares: CPU only, inference only.
+class CpuInferencePrimitive : public mx::UnaryPrimitive {
+ public:
+  explicit CpuInferencePrimitive(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string("[ffai ") + name() +
+                             "] has no GPU implementation; run it on a CPU stream (stream=mx.cpu).");
+  }
+
+  std::vector<mx::array> jvp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&) override {
+    throw std::runtime_error(std::string("[ffai ") + name() + "] is inference-only: no jvp.");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
+                             const std::vector<int>&, const std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string("[ffai ") + name() + "] is inference-only: no vjp.");
+  }
+
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>&,
+                                                            const std::vector<int>&) override {
+    throw std::runtime_error(std::string("[ffai ") + name() + "] has no vmap.");
+  }
+};
+
+class QuantMatmul : public CpuInferencePrimitive {
  public:
   // packed_n > 0: the weights are in the packed layout and the output has packed_n columns.
   QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16, int packed_n)
-      : mx::UnaryPrimitive(stream),
+      : CpuInferencePrimitive(stream),
         bits_(bits),
         group_size_(group_size),
         scales_f16_(scales_f16),
         packed_n_(packed_n) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error(
-        "[ffai QuantMatmul] has no GPU implementation; run it on a CPU stream (stream=mx.cpu).");
-  }
-
-  std::vector<mx::array> jvp(const std::vector<mx::array>&, const std::vector<mx::array>&,
-                             const std::vector<int>&) override {
-    throw std::runtime_error("[ffai QuantMatmul] is inference-only: no jvp.");
-  }
-
-  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&,
-                             const std::vector<int>&, const std::vector<mx::array>&) override {
-    throw std::runtime_error("[ffai QuantMatmul] is inference-only: no vjp.");
-  }
-
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>&,
-                                                            const std::vector<int>&) override {
-    throw std::runtime_error("[ffai QuantMatmul] has no vmap.");
-  }
 
   const char* name() const override { return "FfaiQuantMatmul"; }
 
@@ -208,6 +214,70 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     }
   });
 }
+
+// silu(g) * u elementwise (act_kernels.h); inputs of one shape, float32.
+class SiluMul : public CpuInferencePrimitive {
+ public:
+  using CpuInferencePrimitive::CpuInferencePrimitive;
+  const char* name() const override { return "FfaiSiluMul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const SiluMul*>(&other) != nullptr;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(inputs[0]);
+    encoder.set_input_array(inputs[1]);
+    encoder.set_output_array(out);
+    encoder.dispatch([g = mx::array::unsafe_weak_copy(inputs[0]),
+                      u = mx::array::unsafe_weak_copy(inputs[1]),
+                      o = mx::array::unsafe_weak_copy(out)]() mutable {
+      std::vector<char> cg, cu;
+      ffai_silu_mul(static_cast<const float*>(row_major_ptr(g, cg)),
+                    static_cast<const float*>(row_major_ptr(u, cu)), o.data<float>(), o.size());
+    });
+  }
+};
+
+// Softmax over the last axis (act_kernels.h), optionally with the causal mask of a
+// (..., L, T) score block: query i sees keys 0..T-L+i.
+class RowSoftmax : public CpuInferencePrimitive {
+ public:
+  RowSoftmax(mx::Stream stream, bool causal) : CpuInferencePrimitive(stream), causal_(causal) {}
+  const char* name() const override { return "FfaiRowSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const RowSoftmax*>(&other);
+    return o != nullptr && o->causal_ == causal_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(inputs[0]);
+    encoder.set_output_array(out);
+    const auto& x = inputs[0];
+    const int cols = x.shape(-1);
+    const int rows = cols > 0 ? static_cast<int>(x.size() / cols) : 0;
+    const int length = causal_ ? x.shape(-2) : 0;
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), o = mx::array::unsafe_weak_copy(out),
+                      rows, cols, length]() mutable {
+      if (rows == 0) return;
+      std::vector<char> cx;
+      ffai_softmax_rows(static_cast<const float*>(row_major_ptr(x, cx)), o.data<float>(), rows,
+                        cols, length, length > 0 ? cols - length : 0);
+    });
+  }
+
+ private:
+  bool causal_;
+};
 
 [[noreturn]] void bad(const std::string& msg) {
   throw std::invalid_argument("quant_matmul: " + msg);  // ValueError in Python
@@ -297,6 +367,38 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& 
                    {x, w, scales, biases});
 }
 
+mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
+  auto stream = mx::to_stream(s);
+  if (stream.device.type != mx::Device::DeviceType::cpu) {
+    throw std::invalid_argument(std::string(op) + ": runs on the CPU only; pass stream=mx.cpu");
+  }
+  return stream;
+}
+
+mx::array silu_mul(const mx::array& g, const mx::array& u, mx::StreamOrDevice s) {
+  if (g.dtype() != mx::float32 || u.dtype() != mx::float32) {
+    throw std::invalid_argument("silu_mul: g and u must be float32");
+  }
+  if (g.shape() != u.shape()) {
+    throw std::invalid_argument("silu_mul: g and u must have one shape, got " + shape_str(g) +
+                                " and " + shape_str(u));
+  }
+  return mx::array(g.shape(), mx::float32,
+                   std::make_shared<SiluMul>(cpu_stream(s, "silu_mul")), {g, u});
+}
+
+mx::array softmax(const mx::array& x, bool causal, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("softmax: x must be float32");
+  if (x.ndim() < (causal ? 2 : 1)) {
+    throw std::invalid_argument("softmax: x needs a last axis (and a query axis if causal)");
+  }
+  if (causal && x.shape(-2) > x.shape(-1)) {
+    throw std::invalid_argument("softmax: causal needs L <= T, got " + shape_str(x));
+  }
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<RowSoftmax>(cpu_stream(s, "softmax"), causal), {x});
+}
+
 }  // namespace
 
 NB_MODULE(_quant, m) {
@@ -308,6 +410,12 @@ NB_MODULE(_quant, m) {
         nb::arg("stream") = nb::none(),
         "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32. "
         "packed_n > 0: w, scales, biases in the packed layout (quant.pack) of packed_n rows.");
+  m.def("silu_mul", &silu_mul, nb::arg("g"), nb::arg("u"), nb::arg("stream") = nb::none(),
+        "silu(g) * u, float32, with MLX's exp polynomial in SIMD lanes (CPU).");
+  m.def("softmax", &softmax, nb::arg("x"), nb::arg("causal") = false,
+        nb::arg("stream") = nb::none(),
+        "Softmax over the last axis, float32 (CPU). causal: x is (..., L, T) scores and query "
+        "i sees keys 0..T-L+i (the others get 0).");
   m.def("isa", []() { return std::string(ffai_quant_isa()); },
         "Instruction set the kernel dispatched to on this CPU.");
   m.def("threads", []() { return ffai_quant_threads(); }, "Threads the kernel uses.");

@@ -1,0 +1,172 @@
+/* Exp-heavy elementwise kernels of quant_gemm.c's library: silu(g) * u and row softmax.
+ *
+ * Why: MLX's CPU exp is a libm call per element (12-57 ns); a 512-token prefill of a
+ * 0.5B model spends over a second in the SiLU gate and the attention softmax alone.
+ * Here exp is MLX's own Cephes polynomial (the one cpu_ops.fast_exp spells out, within
+ * an ulp of MLX's exp) in SIMD lanes, and the rows are split over the same thread pool
+ * as the products. Every element goes through the same operations in any split, so the
+ * results do not depend on the batch. Included once, by quant_gemm.c. */
+
+#define EXP_LOG2E 1.442695f
+#define EXP_HI 88.0f /* above: +inf, below -EXP_HI: 0, as cpu_ops.fast_exp */
+
+static const float exp_poly[7] = {1.535336188319500e-4f, 1.339887440266574e-3f,
+                                  9.618437357674640e-3f, 5.550332471162809e-2f,
+                                  2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+
+static inline float exp_scalar(float x) {
+    if (x != x) return x;
+    if (x > EXP_HI) return INFINITY;
+    if (x < -EXP_HI) return 0.0f;
+    float y = x * EXP_LOG2E, whole = nearbyintf(y), frac = y - whole;
+    float poly = exp_poly[0] * frac + exp_poly[1];
+    for (int i = 2; i < 7; i++) poly = poly * frac + exp_poly[i];
+    uint32_t bits = (uint32_t)((int)whole + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return poly * scale;
+}
+
+static inline float silu_scalar(float x) {
+    float y = 1.0f / (1.0f + exp_scalar(fabsf(x))); /* sigmoid(-|x|), stable either sign */
+    return x * (x < 0 ? y : 1.0f - y);
+}
+
+#ifdef HAVE_X86
+T512 static inline __m512 exp512(__m512 x) {
+    __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E));
+    __m512 whole = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 frac = _mm512_sub_ps(y, whole);
+    __m512 poly = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(exp_poly[0]), frac), _mm512_set1_ps(exp_poly[1]));
+    for (int i = 2; i < 7; i++) poly = _mm512_add_ps(_mm512_mul_ps(poly, frac), _mm512_set1_ps(exp_poly[i]));
+    whole = _mm512_min_ps(_mm512_max_ps(whole, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(whole), _mm512_set1_epi32(127)), 23);
+    __m512 out = _mm512_mul_ps(poly, _mm512_castsi512_ps(bits));
+    out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_HI), _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+    out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-EXP_HI), _CMP_LT_OQ), _mm512_setzero_ps());
+    return _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x); /* NaN stays */
+}
+
+T512 static inline __m512 silu512(__m512 x) {
+    __m512 a = _mm512_abs_ps(x);
+    __m512 y = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(a)));
+    __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mul_ps(x, _mm512_mask_mov_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), y), negative, y));
+}
+
+T512 static void silu_mul_avx512(const float *g, const float *u, float *out, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(silu512(_mm512_loadu_ps(g + i)), _mm512_loadu_ps(u + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m512 v = silu512(_mm512_maskz_loadu_ps(m, g + i));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+}
+
+/* One row: exp(x - max) over the first `valid` columns, 0 past them, then / sum. */
+T512 static void softmax_row_avx512(const float *x, float *out, int cols, int valid) {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 16 <= valid; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + j));
+    __mmask16 tail = (__mmask16)((1u << (valid - j)) - 1);
+    mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_maskz_loadu_ps(tail, x + j));
+    __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mv)), sv = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= valid; j += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), top));
+        _mm512_storeu_ps(out + j, e);
+        sv = _mm512_add_ps(sv, e);
+    }
+    __m512 e = _mm512_maskz_mov_ps(tail, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + j), top)));
+    _mm512_mask_storeu_ps(out + j, tail, e);
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(sv, e)));
+    for (j = 0; j + 16 <= valid; j += 16) _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_loadu_ps(out + j), inv));
+    _mm512_mask_storeu_ps(out + j, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, out + j), inv));
+    for (j = valid; j < cols; j++) out[j] = 0.0f;
+}
+#endif
+
+static void silu_mul_generic(const float *g, const float *u, float *out, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = silu_scalar(g[i]) * u[i];
+}
+
+static void softmax_row_generic(const float *x, float *out, int cols, int valid) {
+    float top = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < valid; j++) top = x[j] > top ? x[j] : top;
+    for (int j = 0; j < valid; j++) sum += out[j] = exp_scalar(x[j] - top);
+    float inv = 1.0f / sum;
+    for (int j = 0; j < valid; j++) out[j] *= inv;
+    for (int j = valid; j < cols; j++) out[j] = 0.0f;
+}
+
+static int act_simd(void) {
+#ifdef HAVE_X86
+    return strcmp(ffai_quant_isa(), "avx512-vnni") == 0;
+#else
+    return 0;
+#endif
+}
+
+struct act_job {
+    const float *a, *b;
+    float *out;
+    size_t n;              /* silu_mul: elements */
+    int rows, cols, causal; /* softmax: rows of cols; causal: row r sees offset + r % L + 1 */
+    int length, offset;
+    int simd;
+};
+
+enum { ACT_CHUNK = 1024 }; /* elements per unit of the silu split: whole cache lines */
+
+static void silu_mul_task(const void *ctx, int part, int parts) {
+    const struct act_job *j = ctx;
+    int lo, hi, chunks = (int)((j->n + ACT_CHUNK - 1) / ACT_CHUNK);
+    pool_split(part, parts, chunks, 1, &lo, &hi);
+    size_t i0 = (size_t)lo * ACT_CHUNK, i1 = (size_t)hi * ACT_CHUNK < j->n ? (size_t)hi * ACT_CHUNK : j->n;
+    if (i0 >= i1) return;
+#ifdef HAVE_X86
+    if (j->simd) {
+        silu_mul_avx512(j->a + i0, j->b + i0, j->out + i0, i1 - i0);
+        return;
+    }
+#endif
+    silu_mul_generic(j->a + i0, j->b + i0, j->out + i0, i1 - i0);
+}
+
+static void softmax_task(const void *ctx, int part, int parts) {
+    const struct act_job *j = ctx;
+    int r0, r1;
+    pool_split(part, parts, j->rows, 1, &r0, &r1);
+    for (int r = r0; r < r1; r++) {
+        int valid = j->causal ? j->offset + r % j->length + 1 : j->cols;
+        valid = valid > j->cols ? j->cols : (valid < 1 ? 1 : valid);
+        const float *x = j->a + (size_t)r * j->cols;
+        float *out = j->out + (size_t)r * j->cols;
+#ifdef HAVE_X86
+        if (j->simd) {
+            softmax_row_avx512(x, out, j->cols, valid);
+            continue;
+        }
+#endif
+        softmax_row_generic(x, out, j->cols, valid);
+    }
+}
+
+static void act_configure_once(void) {
+    if (!atomic_exchange(&configured, 1)) pool_configure(pool_cpus());
+}
+
+void ffai_silu_mul(const float *g, const float *u, float *out, size_t n) {
+    act_configure_once();
+    struct act_job j = {g, u, out, n, 0, 0, 0, 0, 0, act_simd()};
+    pool_run(silu_mul_task, &j, n >= 2 * ACT_CHUNK * (size_t)pool_wanted_threads);
+}
+
+void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causal_length,
+                       int causal_offset) {
+    act_configure_once();
+    struct act_job j = {x, NULL, out, 0, rows, cols, causal_length > 0, causal_length,
+                        causal_offset, act_simd()};
+    pool_run(softmax_task, &j, (size_t)rows * cols >= 8192 && rows >= 2);
+}
