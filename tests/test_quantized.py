@@ -18,12 +18,21 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import build_llama
+from checkpoints import build_gemma2, build_llama, build_qwen2
 
 from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine
 from ffai_worker.models.loading import ModelLoadError, load_model
-from ffai_worker.models.quantized import KernelQuantizedEmbedding, KernelQuantizedLinear
+from ffai_worker.models.quantized import (
+    FusedMember,
+    KernelFusedLinear,
+    KernelQuantizedEmbedding,
+    KernelQuantizedLinear,
+    fuse_siblings,
+    project,
+    quantize_model,
+    use_kernel,
+)
 from ffai_worker.native import quant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +67,7 @@ def mlx_lm_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def kernel_layers(model: Any) -> list[str]:
-    kinds = (KernelQuantizedLinear, KernelQuantizedEmbedding)
+    kinds = (KernelQuantizedLinear, KernelQuantizedEmbedding, KernelFusedLinear)
     return [name for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
@@ -69,7 +78,9 @@ def test_mlx_lm_checkpoint_runs_on_the_kernel(tmp_path: Path, bits: int) -> None
     assert not info.dequantized
     assert any("native kernel" in note for note in info.notes), info.notes
     quantized = [n for n, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
-    assert len(quantized) == 7 * len(model.layers) + 1  # + the (untied) LM head
+    members = [n for n, m in model.named_modules() if isinstance(m, FusedMember)]
+    assert len(members) == 5 * len(model.layers)  # q/k/v and gate/up, fused per layer
+    assert len(quantized) == 2 * len(model.layers) + 1  # o, down + the (untied) LM head
     assert set(quantized) < set(kernel_layers(model))  # the embedding too
     assert model.cache_dtype == mx.float32
 
@@ -160,3 +171,28 @@ def test_dequantize_still_available(tmp_path: Path) -> None:
     dense, info = load_model(path, dequantize=True)
     assert info.dequantized
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in dense.named_modules())
+
+
+@pytest.mark.parametrize("build", [build_qwen2, build_gemma2], ids=["qwen2", "gemma2"])
+def test_fused_siblings_give_the_same_logits_to_the_bit(tmp_path: Path, build: Any) -> None:
+    """q/k/v (with Qwen2's biases) and gate/up as one product each: same operations per
+    output as unfused, so the same logits; a member alone still gives its own slice."""
+    path = build(tmp_path / "src", hidden_size=128, intermediate_size=200)
+    fused, info = load_model(path, dtype="q8")
+    assert any("sibling groups fused" in note for note in info.notes), info.notes
+    plain, _ = load_model(path)
+    quantize_model(plain, 8)
+    use_kernel(plain)
+    ids = mx.array([IDS])
+    assert np.array_equal(np.array(fused(ids)), np.array(plain(ids)))
+
+    attn, plain_attn = fused.layers[0].self_attn, plain.layers[0].self_attn
+    x = mx.random.normal((2, 3, 128))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert isinstance(attn[name], FusedMember)
+        assert np.array_equal(np.array(attn[name](x)), np.array(plain_attn[name](x)))
+    assert fuse_siblings(fused) == 0  # nothing left to fuse
+    # out of order, or a partial group: each member on its own, same values
+    k, q = project(x, attn.k_proj, attn.q_proj)
+    assert np.array_equal(np.array(q), np.array(plain_attn.q_proj(x)))
+    assert np.array_equal(np.array(k), np.array(plain_attn.k_proj(x)))

@@ -31,6 +31,7 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
+from ffai_worker.models.quantized import project
 
 # transformers' ACT2FN names of the activations Gemma configs use.
 ACTIVATIONS = {
@@ -138,9 +139,10 @@ class Attention(nn.Module):
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
     ) -> mx.array:
         B, L, _ = x.shape  # (B, L, D)
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
+        q = q.reshape(B, L, self.n_heads, self.head_dim)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         offset = cache.offset if cache is not None else 0
@@ -163,7 +165,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[str(args.hidden_activation)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -3,8 +3,10 @@
 Attribute names follow the checkpoint keys (model.layers.N.self_attn.q_proj, ...),
 so weights load with no renaming table.
 
-Decode on a CPU is memory-bound. Fusing q/k/v and gate/up into single matmuls
-was measured and did not help, so projections stay as in the checkpoint;
+Decode on a CPU is memory-bound. Fusing float q/k/v and gate/up into single
+matmuls was measured and did not help, so projections stay as in the checkpoint;
+on the native quantized kernel, where a product's fixed cost is a larger share, they
+are fused at load (`quantized.fuse_siblings`) and called through `project`.
 `last_only=True` in prefill skips all but one row of the vocab projection
 (figures: benchmarks/NOTES.md).
 """
@@ -29,6 +31,7 @@ from ffai_worker.models.base import (
     window_mask,
 )
 from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu_mul
+from ffai_worker.models.quantized import project
 
 
 @dataclass
@@ -121,7 +124,7 @@ class Attention(nn.Module):
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
     ) -> mx.array:
         B, L, _ = x.shape  # (B, L, D)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
         if self.use_qk_norm:
@@ -148,7 +151,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(silu_mul(gate, up))
 
 
 class TransformerBlock(nn.Module):

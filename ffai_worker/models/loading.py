@@ -29,7 +29,13 @@ from mlx.utils import tree_flatten
 
 from ffai_worker.models import SUPPORTED_MODEL_TYPES, get_architecture
 from ffai_worker.models.contract import Architecture, CausalLM
-from ffai_worker.models.quantized import GROUP_SIZE, QUANTIZED_DTYPES, quantize_model, use_kernel
+from ffai_worker.models.quantized import (
+    GROUP_SIZE,
+    QUANTIZED_DTYPES,
+    fuse_siblings,
+    quantize_model,
+    use_kernel,
+)
 from ffai_worker.native import quant as quant_kernel
 
 DTYPES: dict[str, mx.Dtype] = {
@@ -367,7 +373,7 @@ def load_model(
         notes.append(f"quantized {layers} layers to {bits}-bit at load (group size {GROUP_SIZE})")
     if quant is not None and not dequantized and not on_gpu():
         switched = use_kernel(model) if quant_kernel.available() else 0
-        notes.append(_kernel_note(switched))
+        notes.append(_kernel_note(switched, fuse_siblings(model) if switched else 0))
     model.eval()
     mx.eval(model.parameters())
 
@@ -387,9 +393,12 @@ def load_model(
     return model, info
 
 
-def _kernel_note(switched: int) -> str:
+def _kernel_note(switched: int, fused: int) -> str:
     if switched:
-        return f"{switched} quantized layers on the native kernel ({quant_kernel.describe()})"
+        groups = f", {fused} sibling groups fused" if fused else ""
+        return (
+            f"{switched} quantized layers on the native kernel{groups} ({quant_kernel.describe()})"
+        )
     return f"quantized layers on MLX's CPU path, slower than float32: {quant_kernel.describe()}"
 
 

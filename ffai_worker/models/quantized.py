@@ -12,10 +12,20 @@ layout (`quant.pack`: blocks of 16 rows, a SIMD lane per row), which reads memor
 stream per block and needs no horizontal sums: 2-3x faster per product than MLX's
 row-major layout (`benchmarks/quant_kernel.py`). The layer keeps its true output width
 in `packed_n`; `unpacked()` gives MLX's arrays back.
+
+Sibling projections of one input (q/k/v, gate/up) are then fused (`fuse_siblings`): their
+packed blocks are concatenated into one `KernelFusedLinear` on the parent module, and
+each sibling becomes a `FusedMember` returning its slice. The models call them through
+`project(x, *layers)`, which runs the group once: one activation quantization and one
+kernel call instead of three (q/k/v over 24 layers at batch 1: 2.5 -> 1.3 ms), and
+fewer graph nodes per decode step. Each output is computed by the same operations as
+unfused (a lane per row), so the logits are the same to the bit.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -142,3 +152,90 @@ def _halve_scales(module: Any) -> None:
     if largest < _FLOAT16_MAX and nonzero.min().item() >= _FLOAT16_MIN_NORMAL:
         module["scales"] = scales.astype(mx.float16)
         module["biases"] = biases.astype(mx.float16)
+
+
+# -- sibling projections of one input as one product ----------------------------------------
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class KernelFusedLinear(_Packed, nn.Module):
+    """Packed projections of one input, concatenated: one product, a slice per member."""
+
+    def __init__(self, members: Sequence[KernelQuantizedLinear]) -> None:
+        super().__init__()
+        self.bits, self.group_size = members[0].bits, members[0].group_size
+        # plain attributes (a tuple set normally would become a child of the module)
+        object.__setattr__(self, "widths", tuple(m.packed_n for m in members))
+        for key in ("weight", "scales", "biases"):
+            self[key] = mx.concatenate([m[key] for m in members])
+        self.packed_n = int(self["weight"].shape[0]) * quant.PACK_ROWS
+        if any("bias" in m for m in members):
+            self["bias"] = mx.concatenate([_padded_bias(m) for m in members])
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        y = self._matmul(x)
+        if "bias" in self:
+            y = y + self["bias"]
+        outs, start = [], 0
+        for width in self.widths:
+            outs.append(y[..., start : start + width])
+            start += -(-width // quant.PACK_ROWS) * quant.PACK_ROWS  # members start on a block
+        return outs
+
+
+class FusedMember(nn.Module):
+    """A fused projection's place in its parent: its slice of the group's product."""
+
+    def __init__(self, group: KernelFusedLinear, index: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "group", weakref.ref(group))  # the parent holds the group
+        self.index = index
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.group()(x)[self.index]  # type: ignore[no-any-return]
+
+
+def project(x: mx.array, *layers: Any) -> list[mx.array]:
+    """`[layer(x) for layer in layers]`, as one product where `fuse_siblings` fused them."""
+    first = layers[0]
+    if isinstance(first, FusedMember):
+        group = first.group()
+        same = all(
+            isinstance(m, FusedMember) and m.group() is group and m.index == i
+            for i, m in enumerate(layers)
+        )
+        if same and len(layers) == len(group.widths):
+            return group(x)  # type: ignore[no-any-return]
+    return [layer(x) for layer in layers]
+
+
+def _padded_bias(member: KernelQuantizedLinear) -> mx.array:
+    width = -(-member.packed_n // quant.PACK_ROWS) * quant.PACK_ROWS
+    bias = member["bias"] if "bias" in member else mx.zeros((member.packed_n,), mx.float32)
+    return mx.pad(bias.astype(mx.float32), [(0, width - member.packed_n)])
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Fuse each parent's q/k/v and gate/up kernel projections (see the module docstring);
+    returns how many groups. Members must agree on bits, group size, input width and
+    scale dtype, else they stay as they are."""
+    fused = 0
+    for _, parent in model.named_modules():
+        for names in SIBLINGS:
+            members = [parent.get(name) for name in names] if isinstance(parent, dict) else []
+            if not members or not _fusable(members):
+                continue
+            group = KernelFusedLinear(members)
+            parent["fused_" + "_".join(names)] = group
+            for index, name in enumerate(names):
+                parent[name] = FusedMember(group, index)
+            fused += 1
+    return fused
+
+
+def _fusable(members: list[Any]) -> bool:
+    if not all(type(m) is KernelQuantizedLinear for m in members):
+        return False
+    keys = {(m.bits, m.group_size, m["weight"].shape[1], m["scales"].dtype) for m in members}
+    return len(keys) == 1
