@@ -15,6 +15,7 @@ from ffai_worker.models.cpu_ops import (
     FAST_EXP_MIN,
     cpu_decode_step,
     fast_exp,
+    rms_norm,
     scaled_dot_product_attention,
     silu,
     silu_mul,
@@ -229,3 +230,31 @@ def test_native_attention_matches_mlx(kind: str) -> None:
     got = scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1, 896), (3, 7, 64), (2, 512, 896), (5, 100)])
+def test_native_rms_norm_matches_float64(shape: tuple[int, ...]) -> None:
+    x = mx.random.normal(shape, key=mx.random.key(9)) * 3
+    w = mx.random.normal((shape[-1],), key=mx.random.key(10))
+    x64, w64 = np.array(x, dtype=np.float64), np.array(w, dtype=np.float64)
+    want = x64 / np.sqrt((x64**2).mean(axis=-1, keepdims=True) + 1e-6) * w64
+    err = np.abs(np.array(rms_norm(x, w, 1e-6), dtype=np.float64) - want)
+    mlx_err = np.abs(np.array(mx.fast.rms_norm(x, w, 1e-6), dtype=np.float64) - want)
+    assert err.max() <= 2 * mlx_err.max() + 1e-7
+    rows = x.reshape(-1, shape[-1])
+    r = len(rows) - 1
+    alone = np.array(rms_norm(rows[r:], w, 1e-6))  # a row alone, to the bit
+    assert np.array_equal(alone[0], np.array(rms_norm(rows, w, 1e-6))[r])
+
+
+@needs_native
+def test_native_rms_norm_refuses_bad_input() -> None:
+    ext = quant.native_ops()
+    with pytest.raises(ValueError, match="float32"):
+        ext.rms_norm(mx.zeros((2, 4), mx.float16), mx.ones((4,), mx.float16), 1e-6)
+    with pytest.raises(ValueError, match="last width"):
+        ext.rms_norm(mx.zeros((2, 4)), mx.ones((5,)), 1e-6)
+    # other dtypes take MLX's op
+    x16 = mx.ones((2, 4), mx.bfloat16)
+    assert rms_norm(x16, mx.ones((4,), mx.bfloat16), 1e-6).dtype == mx.bfloat16

@@ -91,6 +91,21 @@ def silu(x: mx.array) -> mx.array:
     return x * mx.where(x < 0, y, 1.0 - y)
 
 
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """mx.fast.rms_norm; one native kernel on a CPU (MLX's CPU path is three graph nodes)."""
+    ext = native_ops()
+    if ext is not None and x.dtype == weight.dtype == mx.float32 and weight.ndim == 1:
+        return ext.rms_norm(x, weight, eps)  # type: ignore[no-any-return]
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same checkpoint key) through `rms_norm`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self["weight"], self.eps)
+
+
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up: the SwiGLU gate, one native kernel on a CPU."""
     ext = native_ops()

@@ -31,6 +31,7 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
+from ffai_worker.models.cpu_ops import rms_norm
 from ffai_worker.models.quantized import project
 
 # transformers' ACT2FN names of the activations Gemma configs use.
@@ -108,7 +109,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        return rms_norm(x, 1.0 + self.weight, self.eps)
 
 
 class Attention(nn.Module):

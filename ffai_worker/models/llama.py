@@ -30,7 +30,7 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
-from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu_mul
+from ffai_worker.models.cpu_ops import RMSNorm, scaled_dot_product_attention, silu_mul
 from ffai_worker.models.quantized import project
 
 
@@ -111,8 +111,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=args.o_bias)
         self.use_qk_norm = args.qk_norm
         if self.use_qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.q_norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(
             head_dim,
             float(args.rope_theta or 10000.0),
@@ -161,8 +161,8 @@ class TransformerBlock(nn.Module):
         window = args.sliding_window if layer_type == SLIDING_ATTENTION else None
         self.self_attn = Attention(args, window)
         self.mlp = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
@@ -176,7 +176,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args, kind) for kind in args.layer_types or []]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
         self,

@@ -29,7 +29,7 @@ from ffai_worker.models.base import (
     rope_type,
     window_mask,
 )
-from ffai_worker.models.cpu_ops import scaled_dot_product_attention, silu_mul
+from ffai_worker.models.cpu_ops import RMSNorm, scaled_dot_product_attention, silu_mul
 
 
 @dataclass
@@ -143,8 +143,8 @@ class TransformerBlock(nn.Module):
         window = args.sliding_window if layer_type == SLIDING_ATTENTION else None
         self.self_attn = Attention(args, window)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
@@ -158,7 +158,7 @@ class Phi3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args, kind) for kind in args.layer_types or []]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
         self,

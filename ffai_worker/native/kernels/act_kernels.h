@@ -1,4 +1,5 @@
-/* Exp-heavy elementwise kernels of quant_gemm.c's library: silu(g) * u and row softmax.
+/* Row and elementwise kernels of quant_gemm.c's library: silu(g) * u, row softmax and
+ * RMSNorm.
  *
  * Why: MLX's CPU exp is a libm call per element (12-57 ns); a 512-token prefill of a
  * 0.5B model spends over a second in the SiLU gate and the attention softmax alone.
@@ -85,7 +86,32 @@ T512 static void softmax_row_avx512(const float *x, float *out, int cols, int va
     _mm512_mask_storeu_ps(out + j, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, out + j), inv));
     for (j = valid; j < cols; j++) out[j] = 0.0f;
 }
+/* x * (1 / sqrt(mean(x^2) + eps)) * w, as MLX's CPU RMSNorm rounds it (products in order). */
+T512 static void rms_norm_row_avx512(const float *x, const float *w, float *out, int cols, float eps) {
+    __m512 sv = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= cols; j += 16) {
+        __m512 v = _mm512_loadu_ps(x + j);
+        sv = _mm512_add_ps(sv, _mm512_mul_ps(v, v));
+    }
+    __mmask16 tail = (__mmask16)((1u << (cols - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(tail, x + j);
+    float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(_mm512_add_ps(sv, _mm512_mul_ps(v, v))) / (float)cols + eps);
+    __m512 sc = _mm512_set1_ps(scale);
+    for (j = 0; j + 16 <= cols; j += 16)
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), sc), _mm512_loadu_ps(w + j)));
+    _mm512_mask_storeu_ps(out + j, tail,
+                          _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + j), sc),
+                                        _mm512_maskz_loadu_ps(tail, w + j)));
+}
 #endif
+
+static void rms_norm_row_generic(const float *x, const float *w, float *out, int cols, float eps) {
+    float sum = 0.0f;
+    for (int j = 0; j < cols; j++) sum += x[j] * x[j];
+    float scale = 1.0f / sqrtf(sum / (float)cols + eps);
+    for (int j = 0; j < cols; j++) out[j] = x[j] * scale * w[j];
+}
 
 static void silu_mul_generic(const float *g, const float *u, float *out, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = silu_scalar(g[i]) * u[i];
@@ -115,6 +141,7 @@ struct act_job {
     int rows, cols, causal; /* softmax: rows of cols; causal: row r sees offset + r % L + 1 */
     int length, offset;
     int simd;
+    float eps; /* rms_norm */
 };
 
 enum { ACT_CHUNK = 1024 }; /* elements per unit of the silu split: whole cache lines */
@@ -153,13 +180,30 @@ static void softmax_task(const void *ctx, int part, int parts) {
     }
 }
 
+static void rms_norm_task(const void *ctx, int part, int parts) {
+    const struct act_job *j = ctx;
+    int r0, r1;
+    pool_split(part, parts, j->rows, 1, &r0, &r1);
+    for (int r = r0; r < r1; r++) {
+        const float *x = j->a + (size_t)r * j->cols;
+        float *out = j->out + (size_t)r * j->cols;
+#ifdef HAVE_X86
+        if (j->simd) {
+            rms_norm_row_avx512(x, j->b, out, j->cols, j->eps);
+            continue;
+        }
+#endif
+        rms_norm_row_generic(x, j->b, out, j->cols, j->eps);
+    }
+}
+
 static void act_configure_once(void) {
     if (!atomic_exchange(&configured, 1)) pool_configure(pool_cpus());
 }
 
 void ffai_silu_mul(const float *g, const float *u, float *out, size_t n) {
     act_configure_once();
-    struct act_job j = {g, u, out, n, 0, 0, 0, 0, 0, act_simd()};
+    struct act_job j = {g, u, out, n, 0, 0, 0, 0, 0, act_simd(), 0.0f};
     pool_run(silu_mul_task, &j, n >= 2 * ACT_CHUNK * (size_t)pool_wanted_threads);
 }
 
@@ -167,6 +211,12 @@ void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causa
                        int causal_offset) {
     act_configure_once();
     struct act_job j = {x, NULL, out, 0, rows, cols, causal_length > 0, causal_length,
-                        causal_offset, act_simd()};
+                        causal_offset, act_simd(), 0.0f};
     pool_run(softmax_task, &j, (size_t)rows * cols >= 8192 && rows >= 2);
+}
+
+void ffai_rms_norm(const float *x, const float *w, float *out, int rows, int cols, float eps) {
+    act_configure_once();
+    struct act_job j = {x, w, out, 0, rows, cols, 0, 0, 0, act_simd(), eps};
+    pool_run(rms_norm_task, &j, (size_t)rows * cols >= 65536 && rows >= 2);
 }

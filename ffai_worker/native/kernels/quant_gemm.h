@@ -42,6 +42,9 @@ void ffai_silu_mul(const float *g, const float *u, float *out, size_t n);
 void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causal_length,
                        int causal_offset);
 
+/* RMSNorm of each row of x (rows, cols): x * (1 / sqrt(mean(x^2) + eps)) * w[col]. */
+void ffai_rms_norm(const float *x, const float *w, float *out, int rows, int cols, float eps);
+
 /* The instruction set in use: "avx512-vnni", "avx2", "generic" (best this CPU has). */
 const char *ffai_quant_isa(void);
 

@@ -279,6 +279,42 @@ class RowSoftmax : public CpuInferencePrimitive {
   bool causal_;
 };
 
+// RMSNorm over the last axis with a weight of that width (act_kernels.h).
+class RmsNorm : public CpuInferencePrimitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : CpuInferencePrimitive(stream), eps_(eps) {}
+  const char* name() const override { return "FfaiRmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const RmsNorm*>(&other);
+    return o != nullptr && o->eps_ == eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(inputs[0]);
+    encoder.set_input_array(inputs[1]);
+    encoder.set_output_array(out);
+    const int cols = inputs[0].shape(-1);
+    const int rows = cols > 0 ? static_cast<int>(inputs[0].size() / cols) : 0;
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
+                      w = mx::array::unsafe_weak_copy(inputs[1]),
+                      o = mx::array::unsafe_weak_copy(out), rows, cols, eps = eps_]() mutable {
+      if (rows == 0) return;
+      std::vector<char> cx, cw;
+      ffai_rms_norm(static_cast<const float*>(row_major_ptr(x, cx)),
+                    static_cast<const float*>(row_major_ptr(w, cw)), o.data<float>(), rows, cols,
+                    eps);
+    });
+  }
+
+ private:
+  float eps_;
+};
+
 [[noreturn]] void bad(const std::string& msg) {
   throw std::invalid_argument("quant_matmul: " + msg);  // ValueError in Python
 }
@@ -399,6 +435,18 @@ mx::array softmax(const mx::array& x, bool causal, mx::StreamOrDevice s) {
                    std::make_shared<RowSoftmax>(cpu_stream(s, "softmax"), causal), {x});
 }
 
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || w.dtype() != mx::float32) {
+    throw std::invalid_argument("rms_norm: x and w must be float32");
+  }
+  if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("rms_norm: w must be 1-D of x's last width, got " +
+                                shape_str(x) + " and " + shape_str(w));
+  }
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<RmsNorm>(cpu_stream(s, "rms_norm"), eps), {x, w});
+}
+
 }  // namespace
 
 NB_MODULE(_quant, m) {
@@ -416,6 +464,9 @@ NB_MODULE(_quant, m) {
         nb::arg("stream") = nb::none(),
         "Softmax over the last axis, float32 (CPU). causal: x is (..., L, T) scores and query "
         "i sees keys 0..T-L+i (the others get 0).");
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("w"), nb::arg("eps"),
+        nb::arg("stream") = nb::none(),
+        "x * rsqrt(mean(x^2, axis=-1) + eps) * w, float32 (CPU).");
   m.def("isa", []() { return std::string(ffai_quant_isa()); },
         "Instruction set the kernel dispatched to on this CPU.");
   m.def("threads", []() { return ffai_quant_threads(); }, "Threads the kernel uses.");
