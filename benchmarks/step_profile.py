@@ -43,7 +43,8 @@ from ffai_worker.engine import Engine
 from ffai_worker.engine.decoder import BatchedDecoder, attention_width
 from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.types import RequestKey
-from ffai_worker.models.cpu_ops import cpu_decode_step, scaled_dot_product_attention, silu
+from ffai_worker.models.cpu_ops import cpu_decode_step, scaled_dot_product_attention, silu_mul
+from ffai_worker.models.quantized import KernelFusedLinear
 from ffai_worker.native.blas import blas_info
 
 PROMPT = "Once upon a time there was a little girl named Lily who loved to play outside "
@@ -96,7 +97,8 @@ class EngineSteps:
 
 
 def linears(model: Any) -> list[nn.Module]:
-    kinds = (nn.Linear, nn.QuantizedLinear)
+    """Every weight product: Linear layers and fused sibling groups (quantized.project)."""
+    kinds = (nn.Linear, nn.QuantizedLinear, KernelFusedLinear)
     return [m for _, m in model.named_modules() if isinstance(m, kinds)]
 
 
@@ -116,7 +118,10 @@ def products(model: Any, batch: int) -> Callable[[], list[mx.array]]:
     tied = bool(model.args.tie_word_embeddings)
 
     def build() -> list[mx.array]:
-        outs = [m(x) for m, x in zip(layers, xs, strict=True)]
+        outs = []
+        for m, x in zip(layers, xs, strict=True):
+            out = m(x)  # a fused group returns its members' slices
+            outs.extend(out if isinstance(out, list) else [out])
         if tied:
             outs.append(embed.as_linear(head_x))
         return outs
@@ -162,7 +167,7 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
     kv = [x for _ in range(2) for x in rand(batch, n_kv, width, hd)]
     pos = mx.full((batch,), width - 1, dtype=mx.int32)
     tokens = mx.zeros((batch, 1), dtype=mx.int32)
-    logits = mx.random.normal((batch, model.model.embed_tokens.weight.shape[0]))
+    logits = mx.random.normal((batch, int(model.args.vocab_size)))
     mx.eval(h, h2, gate, up, q, k1, kv, pos, logits)
 
     def norms_residuals(h: list[mx.array], h2: list[mx.array]) -> list[mx.array]:
@@ -178,7 +183,7 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
 
     def silu_gates(g: list[mx.array], u: list[mx.array]) -> list[mx.array]:
         with cpu_decode_step():  # as in the decode step
-            return [silu(a) * b for a, b in zip(g, u, strict=True)]
+            return [silu_mul(a, b) for a, b in zip(g, u, strict=True)]
 
     def attention(
         q: list[mx.array], k1: list[mx.array], pos: mx.array, kv: list[mx.array]
