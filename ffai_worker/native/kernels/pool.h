@@ -7,9 +7,10 @@
  * Workers spin briefly on a generation counter, then sleep. The spin covers the gap
  * between a decode step's matmuls without holding a core for long after the step
  * (prefill's OpenBLAS threads want both cores). Where the pool has every core this
- * process may use, workers do not spin at all: the gaps between products are where
+ * process may use, workers spin for less: the longer gaps between products are where
  * MLX's own thread runs the small ops and the Python thread builds the next step, and
- * a spinning worker takes their core (0.5B q8 decode on 2 cores: 48 -> 35 ms a step,
+ * a spinning worker takes their core, while a sleeping one wakes late for the next
+ * product (0.5B q8 decode step on 2 cores, spin 200 / 0 / 80 us: 48 / 42 / 36 ms,
  * benchmarks/NOTES.md).
  *
  * The includer defines CPU_RELAX() and MAX_THREADS before including this file. */
@@ -21,6 +22,7 @@
 #include <time.h>
 
 #define SPIN_MICROSECONDS 200
+#define SPIN_MICROSECONDS_ALL_CORES 80
 
 typedef void (*pool_task)(const void *ctx, int part, int parts);
 
@@ -153,7 +155,8 @@ static int pool_cpus(void) {
 /* Sets the thread count used from the first shared product on (the caller included). */
 static int pool_configure(int threads) {
     pool_wanted_threads = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-    atomic_store(&pool_spin_us, pool_wanted_threads >= pool_cpus() ? 0 : SPIN_MICROSECONDS);
+    atomic_store(&pool_spin_us, pool_wanted_threads >= pool_cpus() ? SPIN_MICROSECONDS_ALL_CORES
+                                                                     : SPIN_MICROSECONDS);
     static int registered;
     if (!registered && pool_wanted_threads > 1)
         registered = pthread_atfork(pool_before_fork, pool_after_fork_parent,
