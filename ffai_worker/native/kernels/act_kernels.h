@@ -145,6 +145,9 @@ struct act_job {
 };
 
 enum { ACT_CHUNK = 1024 }; /* elements per unit of the silu split: whole cache lines */
+/* Fewer elements run on the calling thread alone: a few microseconds of work, less
+ * than waking a pool worker costs (a decode step's gate is 4864 x batch elements). */
+#define ACT_SHARE_MIN ((size_t)1 << 16)
 
 static void silu_mul_task(const void *ctx, int part, int parts) {
     const struct act_job *j = ctx;
@@ -204,7 +207,7 @@ static void act_configure_once(void) {
 void ffai_silu_mul(const float *g, const float *u, float *out, size_t n) {
     act_configure_once();
     struct act_job j = {g, u, out, n, 0, 0, 0, 0, 0, act_simd(), 0.0f};
-    pool_run(silu_mul_task, &j, n >= 2 * ACT_CHUNK * (size_t)pool_wanted_threads);
+    pool_run(silu_mul_task, &j, n >= ACT_SHARE_MIN);
 }
 
 void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causal_length,
@@ -212,11 +215,11 @@ void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causa
     act_configure_once();
     struct act_job j = {x, NULL, out, 0, rows, cols, causal_length > 0, causal_length,
                         causal_offset, act_simd(), 0.0f};
-    pool_run(softmax_task, &j, (size_t)rows * cols >= 8192 && rows >= 2);
+    pool_run(softmax_task, &j, (size_t)rows * cols >= ACT_SHARE_MIN && rows >= 2);
 }
 
 void ffai_rms_norm(const float *x, const float *w, float *out, int rows, int cols, float eps) {
     act_configure_once();
     struct act_job j = {x, w, out, 0, rows, cols, 0, 0, 0, act_simd(), eps};
-    pool_run(rms_norm_task, &j, (size_t)rows * cols >= 65536 && rows >= 2);
+    pool_run(rms_norm_task, &j, (size_t)rows * cols >= ACT_SHARE_MIN && rows >= 2);
 }
