@@ -298,7 +298,8 @@ static int quant_matmul(const float *x, const uint32_t *w, const void *scales, c
     j.x8 = x8, j.xd = xf, j.xsum = xf + blocks, j.x8sum = x8sum;
     qrows_fn rows = packed ? (bits == 8 ? v->packed8 : v->packed4) : (bits == 8 ? v->q8 : v->q4);
     struct qtask task = {&j, rows};
-    int share = (long)N * K * bits / 8 * M >= (2L << 20) && N >= 32 * pool_wanted_threads;
+    /* Below ~256 KB of weight bytes x rows a second thread saves less than it costs. */
+    int share = (long)N * K * bits / 8 * M >= (256L << 10) && N >= 32 * pool_wanted_threads;
     pool_run(qrows_task, &task, share);
     free(x8), free(xf), free(x8sum);
     return 0;
