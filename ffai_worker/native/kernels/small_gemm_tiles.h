@@ -15,12 +15,25 @@
 
 typedef float FN(vec) __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 
+/* Halves added pairwise down to one lane: t[i] += t[i + w] for w = VW/2, ..., 1, in
+ * registers (a store to the stack and scalar adds cost a quarter of a K = 896 tile). */
+typedef float FN(v4) __attribute__((vector_size(16)));
+typedef float FN(v2) __attribute__((vector_size(8)));
 TARGET static inline float FN(hsum)(FN(vec) s) {
-    float t[VW];
-    __builtin_memcpy(t, &s, sizeof t);
-    for (int w = VW / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) t[i] += t[i + w];
-    return t[0];
+#if VW == 16
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 a = __builtin_shufflevector(s, s, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(s, s, 8, 9, 10, 11, 12, 13, 14, 15);
+    FN(v4) b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#elif VW == 8
+    FN(v4) b = __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
+#elif VW == 4
+    FN(v4) b = s;
+#else
+#error "hsum: VW must be 4, 8 or 16"
+#endif
+    FN(v2) c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+    return c[0] + c[1];
 }
 
 #define TILE(NB, MB)                                                                   \
