@@ -258,3 +258,34 @@ def test_native_rms_norm_refuses_bad_input() -> None:
     # other dtypes take MLX's op
     x16 = mx.ones((2, 4), mx.bfloat16)
     assert rms_norm(x16, mx.ones((4,), mx.bfloat16), 1e-6).dtype == mx.bfloat16
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_native_ops_plain_c_path(isa: str) -> None:
+    """Below AVX-512 the elementwise kernels run their plain C loops: same bounds, rows alone
+    equal to rows in a batch."""
+    from ffai_worker.native import _quant
+
+    best, threads = _quant.isa(), _quant.threads()
+    if _quant.configure(0, isa) < 0:
+        pytest.skip(f"this CPU has no {isa}")
+    try:
+        g = mx.random.normal((3, 700), key=mx.random.key(11)) * 6
+        u = mx.random.normal((3, 700), key=mx.random.key(12))
+        want = _silu64(np.array(g, dtype=np.float64)) * np.array(u, dtype=np.float64)
+        got = np.array(silu_mul(g, u), dtype=np.float64)
+        assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want) + 1e-12)
+        x = mx.random.normal((2, 3, 40, 90), key=mx.random.key(13)) * 10
+        probs = np.array(quant.native_ops().softmax(x, causal=True), dtype=np.float64)
+        exact = _softmax64(np.array(x), True)
+        assert np.all(np.abs(probs - exact) <= 2e-5 * exact + 1e-12)
+        w = mx.random.normal((90,), key=mx.random.key(14))
+        rows = x.reshape(-1, 90)
+        x64, w64 = np.array(rows, dtype=np.float64), np.array(w, dtype=np.float64)
+        normed = x64 / np.sqrt((x64**2).mean(axis=-1, keepdims=True) + 1e-6) * w64
+        assert np.allclose(np.array(rms_norm(rows, w, 1e-6)), normed, rtol=2e-6, atol=1e-6)
+        alone = np.array(rms_norm(rows[5:6], w, 1e-6))
+        assert np.array_equal(alone[0], np.array(rms_norm(rows, w, 1e-6))[5])
+    finally:
+        _quant.configure(threads, best)

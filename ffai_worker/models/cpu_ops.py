@@ -125,24 +125,21 @@ def scaled_dot_product_attention(
     """mx.fast.scaled_dot_product_attention: (B, H, L, D) over (B, Hkv, T, D) -> (B, H, L, D).
 
     On the CPU that op is the same graph (scale, matmul, mask, softmax, matmul) with MLX's exp;
-    here the softmax uses fast_exp when the scores are large enough.
+    here the softmax is the native kernel (float32; "causal" applied inside it), or, without
+    it, fast_exp inside a decode step when the scores are large enough.
     """
     B, H, L, D = q.shape
     n_kv, T = k.shape[1], k.shape[2]
     causal = isinstance(mask, str)
-    takes = mask is None or isinstance(mask, mx.array) or mask == "causal"
-    ext = native_ops() if q.dtype == mx.float32 and takes else None
-    fast = _use_fast_exp(B * H * L * T, q.dtype) and not causal
-    if ext is None and not fast:
+    supported = mask is None or isinstance(mask, mx.array) or mask == "causal"
+    ext = native_ops() if supported and q.dtype == mx.float32 else None
+    if ext is None and (causal or not _use_fast_exp(B * H * L * T, q.dtype)):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     rows = (q * scale).reshape(B, n_kv, H // n_kv * L, D)  # a key head's queries together
     scores = (rows @ k.swapaxes(-1, -2)).reshape(B, H, L, T)
     if isinstance(mask, mx.array):
         bool_mask = mask.dtype == mx.bool_
         scores = mx.where(mask, scores, -math.inf) if bool_mask else scores + mask
-    if ext is not None and scores.dtype == mx.float32:
-        probs = ext.softmax(scores, causal=causal)
-    else:
-        probs = _softmax(scores)
+    probs = ext.softmax(scores, causal=causal) if ext is not None else _softmax(scores)
     probs = probs.reshape(B, n_kv, H // n_kv * L, T)
     return (probs @ v).reshape(B, H, L, -1)

@@ -165,8 +165,13 @@ class KernelFusedLinear(_Packed, nn.Module):
     def __init__(self, members: Sequence[KernelQuantizedLinear]) -> None:
         super().__init__()
         self.bits, self.group_size = members[0].bits, members[0].group_size
-        # plain attributes (a tuple set normally would become a child of the module)
-        object.__setattr__(self, "widths", tuple(m.packed_n for m in members))
+        # Each member's outputs start on a block: (start, width) per member. Plain
+        # attributes (a tuple set normally would become a child of the module).
+        starts = [0]
+        for m in members[:-1]:
+            starts.append(starts[-1] + _padded_rows(m))
+        slices = tuple(zip(starts, (m.packed_n for m in members), strict=True))
+        object.__setattr__(self, "slices", slices)
         for key in ("weight", "scales", "biases"):
             self[key] = mx.concatenate([m[key] for m in members])
         self.packed_n = int(self["weight"].shape[0]) * quant.PACK_ROWS
@@ -177,11 +182,7 @@ class KernelFusedLinear(_Packed, nn.Module):
         y = self._matmul(x)
         if "bias" in self:
             y = y + self["bias"]
-        outs, start = [], 0
-        for width in self.widths:
-            outs.append(y[..., start : start + width])
-            start += -(-width // quant.PACK_ROWS) * quant.PACK_ROWS  # members start on a block
-        return outs
+        return [y[..., start : start + width] for start, width in self.slices]
 
 
 class FusedMember(nn.Module):
@@ -205,15 +206,19 @@ def project(x: mx.array, *layers: Any) -> list[mx.array]:
             isinstance(m, FusedMember) and m.group() is group and m.index == i
             for i, m in enumerate(layers)
         )
-        if same and len(layers) == len(group.widths):
+        if same and len(layers) == len(group.slices):
             return group(x)  # type: ignore[no-any-return]
     return [layer(x) for layer in layers]
 
 
+def _padded_rows(member: KernelQuantizedLinear) -> int:
+    """Output rows of a packed member, padding included: its blocks times 16."""
+    return int(member["weight"].shape[0]) * quant.PACK_ROWS
+
+
 def _padded_bias(member: KernelQuantizedLinear) -> mx.array:
-    width = -(-member.packed_n // quant.PACK_ROWS) * quant.PACK_ROWS
     bias = member["bias"] if "bias" in member else mx.zeros((member.packed_n,), mx.float32)
-    return mx.pad(bias.astype(mx.float32), [(0, width - member.packed_n)])
+    return mx.pad(bias.astype(mx.float32), [(0, _padded_rows(member) - member.packed_n)])
 
 
 def fuse_siblings(model: nn.Module) -> int:
@@ -223,8 +228,8 @@ def fuse_siblings(model: nn.Module) -> int:
     fused = 0
     for _, parent in model.named_modules():
         for names in SIBLINGS:
-            members = [parent.get(name) for name in names] if isinstance(parent, dict) else []
-            if not members or not _fusable(members):
+            members = [parent.get(name) for name in names]
+            if not _fusable(members):
                 continue
             group = KernelFusedLinear(members)
             parent["fused_" + "_".join(names)] = group

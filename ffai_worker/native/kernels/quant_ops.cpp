@@ -120,10 +120,15 @@ void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
   }
 }
 
-// What every primitive here shares: CPU only, inference only.
+// What every primitive here shares: CPU only, inference only; the output has the shape
+// of the first input unless a primitive says otherwise.
 class CpuInferencePrimitive : public mx::UnaryPrimitive {
  public:
   explicit CpuInferencePrimitive(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error(std::string("[ffai ") + name() +
@@ -143,6 +148,18 @@ class CpuInferencePrimitive : public mx::UnaryPrimitive {
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>&,
                                                             const std::vector<int>&) override {
     throw std::runtime_error(std::string("[ffai ") + name() + "] has no vmap.");
+  }
+
+ protected:
+  // Allocates `out` and registers every input and the output with this stream's encoder.
+  mx::cpu::CommandEncoder& start(const std::vector<mx::array>& inputs, mx::array& out) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) {
+      encoder.set_input_array(in);
+    }
+    encoder.set_output_array(out);
+    return encoder;
   }
 };
 
@@ -180,12 +197,7 @@ class QuantMatmul : public CpuInferencePrimitive {
 };
 
 void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& in : inputs) {
-    encoder.set_input_array(in);
-  }
-  encoder.set_output_array(out);
+  auto& encoder = start(inputs, out);
   const int K = inputs[0].shape(-1);
   const int M = K > 0 ? static_cast<int>(inputs[0].size() / K) : 0;
   const int N = packed_n_ > 0 ? packed_n_ : inputs[1].shape(0);
@@ -223,16 +235,8 @@ class SiluMul : public CpuInferencePrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     return dynamic_cast<const SiluMul*>(&other) != nullptr;
   }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
-
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(inputs[0]);
-    encoder.set_input_array(inputs[1]);
-    encoder.set_output_array(out);
+    auto& encoder = start(inputs, out);
     encoder.dispatch([g = mx::array::unsafe_weak_copy(inputs[0]),
                       u = mx::array::unsafe_weak_copy(inputs[1]),
                       o = mx::array::unsafe_weak_copy(out)]() mutable {
@@ -253,15 +257,8 @@ class RowSoftmax : public CpuInferencePrimitive {
     auto* o = dynamic_cast<const RowSoftmax*>(&other);
     return o != nullptr && o->causal_ == causal_;
   }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
-
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(inputs[0]);
-    encoder.set_output_array(out);
+    auto& encoder = start(inputs, out);
     const auto& x = inputs[0];
     const int cols = x.shape(-1);
     const int rows = cols > 0 ? static_cast<int>(x.size() / cols) : 0;
@@ -288,16 +285,8 @@ class RmsNorm : public CpuInferencePrimitive {
     auto* o = dynamic_cast<const RmsNorm*>(&other);
     return o != nullptr && o->eps_ == eps_;
   }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
-
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(inputs[0]);
-    encoder.set_input_array(inputs[1]);
-    encoder.set_output_array(out);
+    auto& encoder = start(inputs, out);
     const int cols = inputs[0].shape(-1);
     const int rows = cols > 0 ? static_cast<int>(inputs[0].size() / cols) : 0;
     encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
