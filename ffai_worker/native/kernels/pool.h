@@ -23,6 +23,9 @@
 
 #define SPIN_MICROSECONDS 200
 #define SPIN_MICROSECONDS_ALL_CORES 80
+#ifndef POOL_CHUNKS_PER_THREAD
+#define POOL_CHUNKS_PER_THREAD 4 /* chunks a shared task is cut into, per thread */
+#endif
 
 typedef void (*pool_task)(const void *ctx, int part, int parts);
 
@@ -40,12 +43,29 @@ static pthread_mutex_t pool_start_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
 static pool_task pool_current_task;
-static int pool_parts = 1; /* parts of the current task: fewer than the threads if lowered */
+static int pool_parts = 1; /* threads on the current task: fewer than started if lowered */
 static const void *pool_current_ctx;
 static atomic_long pool_generation;
-static atomic_int pool_pending;
+/* The current task's chunks, claimed one at a time: (chunks << 16) | next unclaimed. A
+ * thread that finds none left stops, so a late or descheduled worker delays nobody: the
+ * running threads take its share (static halves made the caller wait, yielding, for a
+ * worker that the Python thread had pushed off its core). */
+static atomic_uint pool_claim;
+static atomic_int pool_done; /* chunks of the current task finished */
 static atomic_flag pool_busy = ATOMIC_FLAG_INIT; /* a second calling thread runs alone */
 static long pool_start_generation; /* the generation workers see as done when they start */
+
+/* Runs chunks of the current task until none is left unclaimed. A claim that succeeds
+ * belongs to a task still in flight: its caller waits for every claimed chunk. */
+static void pool_work(void) {
+    for (;;) {
+        unsigned claim = atomic_fetch_add_explicit(&pool_claim, 1, memory_order_acq_rel);
+        int next = (int)(claim & 0xffff), chunks = (int)(claim >> 16);
+        if (next >= chunks) return;
+        pool_current_task(pool_current_ctx, next, chunks);
+        atomic_fetch_add_explicit(&pool_done, 1, memory_order_release);
+    }
+}
 
 static void *pool_worker_main(void *arg) {
     int part = (int)(intptr_t)arg;
@@ -66,8 +86,7 @@ static void *pool_worker_main(void *arg) {
             pthread_mutex_unlock(&pool_lock);
         }
         seen = gen;
-        if (part < pool_parts) pool_current_task(pool_current_ctx, part, pool_parts);
-        atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_release);
+        if (part < pool_parts) pool_work();
     }
     return NULL;
 }
@@ -87,8 +106,10 @@ static void pool_start(void) {
     pthread_mutex_unlock(&pool_start_lock);
 }
 
-/* Runs task(ctx, part, parts) for every part, the caller taking part 0. With one
- * thread, or while another caller holds the pool, the caller runs it all alone. */
+/* Runs task(ctx, chunk, chunks) for every chunk, on the caller and whichever workers
+ * are awake. With one thread, or while another caller holds the pool, the caller runs
+ * it all alone as task(ctx, 0, 1). A task's output for a row must not depend on how
+ * its rows were cut (every kernel here computes each row the same way in any chunk). */
 static void pool_run(pool_task task, const void *ctx, int share) {
     if (share && pool_wanted_threads > 1 && !atomic_load(&pool_started)) pool_start();
     /* A count lowered after the start leaves the extra workers idle for this task. */
@@ -97,18 +118,20 @@ static void pool_run(pool_task task, const void *ctx, int share) {
         task(ctx, 0, 1);
         return;
     }
+    int chunks = parts * POOL_CHUNKS_PER_THREAD;
     pool_current_task = task;
     pool_current_ctx = ctx;
     pool_parts = parts;
-    atomic_store(&pool_pending, pool_threads - 1);
+    atomic_store_explicit(&pool_done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool_claim, (unsigned)chunks << 16, memory_order_release);
     pthread_mutex_lock(&pool_lock);
     atomic_fetch_add_explicit(&pool_generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool_wake);
     pthread_mutex_unlock(&pool_lock);
-    task(ctx, 0, parts);
-    /* A worker that is not running (more runnable threads than cores) cannot finish
-     * while this thread spins on its core: after a short spin, give the core away. */
-    for (int spin = 0; atomic_load_explicit(&pool_pending, memory_order_acquire) > 0; spin++) {
+    pool_work();
+    /* A worker that claimed a chunk but lost its core (more runnable threads than
+     * cores) cannot finish while this thread spins: after a short spin, yield. */
+    for (int spin = 0; atomic_load_explicit(&pool_done, memory_order_acquire) < chunks; spin++) {
         if (spin < 4096)
             CPU_RELAX();
         else
@@ -137,7 +160,7 @@ static void pool_after_fork_child(void) {
     pthread_mutex_unlock(&pool_start_lock);
     pthread_cond_init(&pool_wake, NULL); /* its waiters were the parent's threads */
     pool_threads = 1;
-    atomic_store(&pool_pending, 0);
+    atomic_store(&pool_claim, 0);
     atomic_store(&pool_started, 0);
     atomic_flag_clear(&pool_busy);
 }
