@@ -82,6 +82,7 @@ quant = Extension(
         f"{KERNELS}/quant_gemm_x86.h",
         f"{KERNELS}/quant_packed_x86.h",
         f"{KERNELS}/act_kernels.h",
+        f"{KERNELS}/attn_kernels.h",
         f"{KERNELS}/pool.h",
     ],
     include_dirs=[KERNELS],
@@ -138,6 +139,7 @@ class BuildExt(build_ext):
                 f"{KERNELS}/quant_gemm_x86.h",
                 f"{KERNELS}/quant_packed_x86.h",
                 f"{KERNELS}/act_kernels.h",
+                f"{KERNELS}/attn_kernels.h",
                 f"{KERNELS}/pool.h",
             ],
         )

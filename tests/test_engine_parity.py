@@ -25,6 +25,7 @@ from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine, EngineConfig
 from ffai_worker.engine.decoder import BatchedDecoder
 from ffai_worker.engine.types import RequestKey
+from ffai_worker.native import quant
 
 N_TOKENS = 48
 GREEDY = GenerationParameters(temperature=0.0, max_tokens=N_TOKENS, stop_on_eos=False)
@@ -56,17 +57,24 @@ class Arch:
     engine: Engine
     reference: Any  # the transformers model
     expected: dict[str, list[int]]  # prompt -> transformers' greedy ids
-    decoders: dict[bool, BatchedDecoder] = field(default_factory=dict)
+    decoders: dict[tuple[bool, bool], BatchedDecoder] = field(default_factory=dict)
 
-    def use(self, compiled: bool) -> BatchedDecoder:
-        """Decode compiled or eagerly from now on (one decoder each, so traces are kept)."""
-        decoder = self.decoders.get(compiled)
+    def use(self, compiled: bool, native: bool = True) -> BatchedDecoder:
+        """Decode compiled or eagerly from now on (one decoder each, so traces are kept);
+        `native=False` is for a test that turned the native kernels off."""
+        decoder = self.decoders.get((compiled, native))
         if decoder is None:
             engine = self.engine
             decoder = BatchedDecoder(engine.model, engine.cache, compiled=compiled)
-            self.decoders[compiled] = decoder
+            self.decoders[compiled, native] = decoder
         self.engine.runner.decoder = decoder
         return decoder
+
+    def check_attention_path(self, decoder: BatchedDecoder, native: bool) -> None:
+        """The decode step's attention ran where it should: natively in every layer when
+        the kernels are loaded (quant.native_ops), else as MLX ops."""
+        on = native and quant.native_ops() is not None
+        assert decoder.fused_layers == (self.engine.model.num_layers if on else 0)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -129,6 +137,27 @@ def test_solo_greedy_matches_transformers(arch: Arch, compiled: bool) -> None:
         assert result.generated_tokens == arch.expected[prompt], prompt
         assert result.finish_reason == "length"
     assert decoder.compiled is compiled  # no silent fallback to eager
+    arch.check_attention_path(decoder, native=True)
+
+
+@pytest.mark.parametrize("mode", ["solo", "together"])
+def test_greedy_matches_transformers_without_native_kernels(
+    arch: Arch, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLX's own ops (the macOS and GPU path): the decode attention as MLX graph nodes."""
+    monkeypatch.setenv(quant.ENV_VAR, "0")
+    decoder = arch.use(compiled=True, native=False)
+    if mode == "solo":
+        for prompt in SOLO_PROMPTS:
+            assert (
+                arch.engine.generate(prompt, parameters=GREEDY).generated_tokens
+                == (arch.expected[prompt])
+            )
+    else:
+        requests = {p: {"prompt": p, "parameters": GREEDY} for p in BATCH_PROMPTS}
+        got = run_batch(arch.engine, requests)
+        assert got == {p: arch.expected[p] for p in BATCH_PROMPTS}
+    arch.check_attention_path(decoder, native=False)
 
 
 @pytest.mark.parametrize("mode", ["together", "staggered", "chunked"])
@@ -153,3 +182,4 @@ def test_batched_greedy_matches_transformers(arch: Arch, compiled: bool, mode: s
     for prompt in BATCH_PROMPTS:
         assert got[prompt] == arch.expected[prompt], prompt
     assert decoder.compiled is compiled
+    arch.check_attention_path(decoder, native=True)

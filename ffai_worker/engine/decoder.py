@@ -31,6 +31,7 @@ import mlx.core as mx
 
 from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.models.cpu_ops import cpu_decode_step
+from ffai_worker.native.quant import native_ops
 
 log = logging.getLogger("ffai_worker")
 
@@ -54,6 +55,30 @@ class _StepView:
         self.offset = offset  # (S,) per-row rope offsets
         self.index = index  # (S, n_kv, 1, D) write positions
         self.width = width  # positions attended
+        self.fused = False  # attention ran on the native kernels (fused_attention)
+
+    @property
+    def fused_ready(self) -> bool:
+        """`fused_attention` can run: the native kernel is loaded and the cache is float32."""
+        return native_ops() is not None and self.keys.dtype == mx.float32
+
+    def fused_attention(
+        self, q: mx.array, k: mx.array, v: mx.array, *, rope: dict[str, Any], **attend: Any
+    ) -> mx.array:
+        """RoPE, KV write and attention as three native nodes (`models.base.decode_attention`).
+
+        Each row attends exactly its own positions, so the step's width does not matter
+        here; the old buffers are donated, as in `update_and_fetch`.
+        """
+        ext = native_ops()
+        assert ext is not None, "fused_attention without fused_ready"
+        self.fused = True
+        self.keys = ext.kv_write(self.keys, k, self.offset, **rope)
+        self.values = ext.kv_write(self.values, v, self.offset)
+        out: mx.array = ext.decode_attention(
+            q, self.keys, self.values, self.offset, **rope, **attend
+        )
+        return out
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         # keys/values: (S, n_kv, 1, D); the old buffers are donated, so this writes in place.
@@ -74,6 +99,7 @@ class BatchedDecoder:
         self.compiled = compiled
         self._local = threading.local()  # `.traces`: the calling thread's compiled widths
         self._checked = not compiled  # the first compiled step proves the JIT works here
+        self.fused_layers = 0  # layers whose attention ran natively (decode_attention)
 
     def _step(
         self,
@@ -92,6 +118,7 @@ class BatchedDecoder:
         ]
         with cpu_decode_step():  # RoPE tables once per step; exp without libm calls
             logits = self.model(inputs, cache=views, mask=mask)[:, -1, :]  # (S, V)
+        self.fused_layers = sum(view.fused for view in views)  # as last traced
         return logits, [v.keys for v in views], [v.values for v in views]
 
     def __call__(self, inputs: mx.array, decoding: list[bool]) -> mx.array:

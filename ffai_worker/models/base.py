@@ -193,6 +193,14 @@ class RoPE(nn.Module):
             freqs=self._freqs,
         )
 
+    def native_params(self) -> dict[str, Any]:
+        """This RoPE as `decode_attention` takes it (attn_kernels.h: same angles, float32)."""
+        return {
+            "inv_freq": self._inverse,
+            "rope_scale": self._scale,
+            "rope_mscale": self._mscale,
+        }
+
     def _rotate(self, x: mx.array, offset: mx.array, memo: dict[Any, Any]) -> mx.array:
         """mx.fast.rope for (B,) offsets inside `cpu_decode_step`, as one fused kernel.
 
@@ -219,6 +227,39 @@ class RoPE(nn.Module):
         c = mx.stack([cos, cos], axis=-2)[:, None]  # (B, 1, L, 2, dims / 2)
         s = mx.stack([-sin, sin], axis=-2)[:, None]
         return c, s
+
+
+def fused_decode(cache: LayerCache | None, x: mx.array) -> bool:
+    """True when this call is a decode step whose cache runs `decode_attention` natively."""
+    ready = getattr(cache, "fused_ready", False)
+    return bool(ready) and x.shape[1] == 1 and x.dtype == mx.float32
+
+
+def decode_attention(attn: Any, cache: Any, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """A decode step's whole attention in native nodes (where `fused_decode` says so).
+
+    `attn` is the layer's attention module (n_heads, n_kv_heads, head_dim, rope, scale,
+    window, use_qk_norm with q_norm/k_norm, and softcap where it has one). q (B, 1, H * D),
+    k and v (B, 1, n_kv * D) come straight from the projections; the result is
+    (B, 1, H * D). RoPE, the KV write into the batched decoder's slot cache and the
+    attention are three kernel calls (`kernels/attn_kernels.h`, engine/decoder.py) where
+    MLX ops take about 30 graph nodes per layer, whose dispatch is most of a CPU decode
+    step's cost beyond reading the weights (benchmarks/NOTES.md).
+    """
+    B = q.shape[0]
+    if getattr(attn, "use_qk_norm", False):
+        q = attn.q_norm(q.reshape(B, 1, attn.n_heads, attn.head_dim)).reshape(B, 1, -1)
+        k = attn.k_norm(k.reshape(B, 1, attn.n_kv_heads, attn.head_dim)).reshape(B, 1, -1)
+    out: mx.array = cache.fused_attention(
+        q,
+        k,
+        v,
+        rope=attn.rope.native_params(),
+        scale=attn.scale,
+        window=attn.window or 0,
+        softcap=getattr(attn, "softcap", None) or 0.0,
+    )
+    return out
 
 
 # -- layer types, masks and attention ------------------------------------------------------------

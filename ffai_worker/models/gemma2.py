@@ -28,6 +28,8 @@ from ffai_worker.models.base import (
     RoPE,
     attention,
     checked_layer_types,
+    decode_attention,
+    fused_decode,
     resolve_rope,
     window_mask,
 )
@@ -141,6 +143,8 @@ class Attention(nn.Module):
     ) -> mx.array:
         B, L, _ = x.shape  # (B, L, D)
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
+        if fused_decode(cache, x):  # RoPE, KV write and attention in native nodes
+            return self.o_proj(decode_attention(self, cache, q, k, v))  # (B, 1, D)
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)

@@ -258,6 +258,7 @@ static const struct qvariant *variant_for(int group_size, int K, int packed) {
 }
 
 #include "act_kernels.h"
+#include "attn_kernels.h"
 
 struct qtask {
     const struct qjob *job;

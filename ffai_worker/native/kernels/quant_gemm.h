@@ -45,6 +45,33 @@ void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causa
 /* RMSNorm of each row of x (rows, cols): x * (1 / sqrt(mean(x^2) + eps)) * w[col]. */
 void ffai_rms_norm(const float *x, const float *w, float *out, int rows, int cols, float eps);
 
+/* RoPE of a decode step (attn_kernels.h): the first rope_dims features of each head
+ * rotate (rotate_half layout) by position * rope_scale * inv_freq[i], after the rotated
+ * features are multiplied by rope_mscale (LongRoPE; 1 otherwise). */
+struct ffai_rope {
+    const float *inv_freq; /* rope_dims / 2 entries; NULL: no rotation */
+    int rope_dims;
+    float rope_scale, rope_mscale;
+};
+
+/* Stores row b's new key or value (kv_heads * head_dim floats at x + b * x_stride),
+ * rotated by `rope` (keys) or as is (values, rope->inv_freq NULL), at position
+ * positions[b] of row b's slot in cache ((batch, kv_heads, capacity, head_dim)
+ * contiguous). Returns 0, or -1 for arguments it cannot take (nothing written then). */
+int ffai_kv_write(float *cache, const float *x, long x_stride, const int32_t *positions,
+                  int batch, int kv_heads, int capacity, int head_dim, const struct ffai_rope *rope);
+
+/* One decode step's attention over the caches ffai_kv_write filled: row b's query
+ * heads (heads * head_dim floats at q + b * q_stride), rotated by `rope` and scaled by
+ * `scale`, each attend positions [max(0, pos - window + 1) if window > 0 else 0, pos]
+ * of their key head (heads / kv_heads query heads share one), pos = positions[b].
+ * softcap > 0: scores become softcap * tanh(score / softcap) before the softmax.
+ * out: (batch, heads * head_dim). Returns 0, or -1 for arguments it cannot take. */
+int ffai_decode_attention(const float *q, long q_stride, const float *k_cache,
+                          const float *v_cache, const int32_t *positions, float *out, int batch,
+                          int heads, int kv_heads, int capacity, int head_dim,
+                          const struct ffai_rope *rope, float scale, int window, float softcap);
+
 /* The instruction set in use: "avx512-vnni", "avx2", "generic" (best this CPU has). */
 const char *ffai_quant_isa(void);
 

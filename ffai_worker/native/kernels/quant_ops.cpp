@@ -7,9 +7,11 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 
 #include <atomic>
+#include <optional>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -304,6 +306,118 @@ class RmsNorm : public CpuInferencePrimitive {
   float eps_;
 };
 
+// RoPE parameters as the decode primitives keep them (attn_kernels.h's ffai_rope).
+struct RopeParams {
+  int rope_dims = 0;  // 0 with no inverse frequencies: no rotation (values)
+  float rope_scale = 1.0f, rope_mscale = 1.0f;
+  bool operator==(const RopeParams&) const = default;
+  ffai_rope with(const float* inv_freq) const {
+    return {rope_dims > 0 ? inv_freq : nullptr, rope_dims, rope_scale, rope_mscale};
+  }
+};
+
+// Row stride of a (B, 1, width) array whose rows are each contiguous, else -1.
+long row_stride(const mx::array& a) {
+  if (a.ndim() != 3 || a.strides(-1) != 1 || a.shape(1) != 1) return -1;
+  return static_cast<long>(a.strides(0));
+}
+
+// Row-contiguous float rows of a (B, 1, width) array: its own, or a packed copy in `copy`.
+const float* rows_of(const mx::array& a, std::vector<char>& copy, long& stride) {
+  stride = row_stride(a);
+  if (stride >= 0) return a.data<float>();
+  stride = a.shape(-1);
+  return static_cast<const float*>(row_major_ptr(a, copy));
+}
+
+// Writes one new key (rotated) or value per row into a slot cache (B, n_kv, T, D): inputs
+// cache, new rows (B, 1, n_kv * D), positions (B,) int32[, inv_freq]. The output is the
+// cache, in the input's own memory when nothing else holds it (the decode step donates
+// its cache buffers), else in a copy.
+class KvWrite : public CpuInferencePrimitive {
+ public:
+  KvWrite(mx::Stream stream, RopeParams rope) : CpuInferencePrimitive(stream), rope_(rope) {}
+  const char* name() const override { return "FfaiKvWrite"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const KvWrite*>(&other);
+    return o != nullptr && o->rope_ == rope_;
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& cache = inputs[0];
+    const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous);
+    if (copy) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+    } else {
+      out.copy_shared_buffer(cache);
+    }
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& in : inputs) encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
+    encoder.dispatch([c = weak(cache), x = weak(inputs[1]), pos = weak(inputs[2]),
+                      freqs = weak(inputs.size() > 3 ? inputs[3] : inputs[2]),
+                      o = weak(out), copy, rope = rope_]() mutable {
+      if (copy) gather_row_major(c, o.data<char>());
+      std::vector<char> cx, cp, cf;
+      long stride = 0;
+      const float* rows = rows_of(x, cx, stride);
+      auto* p = static_cast<const int32_t*>(row_major_ptr(pos, cp));
+      const ffai_rope r = rope.with(static_cast<const float*>(row_major_ptr(freqs, cf)));
+      if (ffai_kv_write(o.data<float>(), rows, stride, p, o.shape(0), o.shape(1), o.shape(2),
+                        o.shape(3), &r) != 0) {
+        throw std::runtime_error("kv_write: a position is outside the cache");
+      }
+    });
+  }
+
+ private:
+  RopeParams rope_;
+};
+
+// Each query head of a decode step over its row's cached positions: inputs q (B, 1, H * D),
+// the key and value caches (B, n_kv, T, D), positions (B,) int32[, inv_freq]; output
+// (B, 1, H * D).
+class DecodeAttention : public CpuInferencePrimitive {
+ public:
+  struct Params {
+    RopeParams rope;
+    float scale, softcap;
+    int window;
+    bool operator==(const Params&) const = default;
+  };
+  DecodeAttention(mx::Stream stream, Params p) : CpuInferencePrimitive(stream), p_(p) {}
+  const char* name() const override { return "FfaiDecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const DecodeAttention*>(&other);
+    return o != nullptr && o->p_ == p_;
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = start(inputs, out);
+    auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
+    encoder.dispatch([q = weak(inputs[0]), kc = weak(inputs[1]), vc = weak(inputs[2]),
+                      pos = weak(inputs[3]),
+                      freqs = weak(inputs.size() > 4 ? inputs[4] : inputs[3]),
+                      o = weak(out), p = p_]() mutable {
+      std::vector<char> cq, ck, cv, cp, cf;
+      long stride = 0;
+      const float* rows = rows_of(q, cq, stride);
+      auto* k = static_cast<const float*>(row_major_ptr(kc, ck));
+      auto* v = static_cast<const float*>(row_major_ptr(vc, cv));
+      auto* positions = static_cast<const int32_t*>(row_major_ptr(pos, cp));
+      const ffai_rope r = p.rope.with(static_cast<const float*>(row_major_ptr(freqs, cf)));
+      const int heads = q.shape(-1) / kc.shape(3);
+      if (ffai_decode_attention(rows, stride, k, v, positions, o.data<float>(), kc.shape(0),
+                                heads, kc.shape(1), kc.shape(2), kc.shape(3), &r, p.scale,
+                                p.window, p.softcap) != 0) {
+        throw std::runtime_error("decode_attention: a position is outside the cache");
+      }
+    });
+  }
+
+ private:
+  Params p_;
+};
+
 [[noreturn]] void bad(const std::string& msg) {
   throw std::invalid_argument("quant_matmul: " + msg);  // ValueError in Python
 }
@@ -436,6 +550,75 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::Stream
                    std::make_shared<RmsNorm>(cpu_stream(s, "rms_norm"), eps), {x, w});
 }
 
+[[noreturn]] void bad_decode(const char* op, const std::string& msg) {
+  throw std::invalid_argument(std::string(op) + ": " + msg);
+}
+
+// Checks what kv_write and decode_attention share; returns the RoPE parameters.
+RopeParams check_decode(const char* op, const mx::array& cache, const mx::array& rows,
+                        const mx::array& positions, const std::optional<mx::array>& inv_freq,
+                        float rope_scale, float rope_mscale) {
+  if (cache.dtype() != mx::float32 || rows.dtype() != mx::float32) {
+    bad_decode(op, "the cache and the new rows must be float32");
+  }
+  if (cache.ndim() != 4) bad_decode(op, "the cache must be (B, n_kv, T, D), got " + shape_str(cache));
+  const int B = cache.shape(0), D = cache.shape(3);
+  if (rows.ndim() != 3 || rows.shape(0) != B || rows.shape(1) != 1 || rows.shape(2) % D) {
+    bad_decode(op, "new rows must be (B, 1, heads * D) with B = " + std::to_string(B) +
+                       " and D = " + std::to_string(D) + ", got " + shape_str(rows));
+  }
+  if (positions.dtype() != mx::int32 || positions.ndim() != 1 || positions.shape(0) != B) {
+    bad_decode(op, "positions must be (B,) int32 with B = " + std::to_string(B));
+  }
+  RopeParams rope{0, rope_scale, rope_mscale};
+  if (inv_freq) {
+    if (inv_freq->dtype() != mx::float32 || inv_freq->ndim() != 1 || 2 * inv_freq->shape(0) > D) {
+      bad_decode(op, "inv_freq must be float32 (rope_dims / 2,) with rope_dims <= D");
+    }
+    rope.rope_dims = 2 * static_cast<int>(inv_freq->shape(0));
+  }
+  return rope;
+}
+
+std::vector<mx::array> decode_inputs(std::vector<mx::array> inputs,
+                                     const std::optional<mx::array>& inv_freq) {
+  if (inv_freq) inputs.push_back(*inv_freq);
+  return inputs;
+}
+
+mx::array kv_write(const mx::array& cache, const mx::array& x, const mx::array& positions,
+                   const std::optional<mx::array>& inv_freq, float rope_scale, float rope_mscale,
+                   mx::StreamOrDevice s) {
+  auto rope = check_decode("kv_write", cache, x, positions, inv_freq, rope_scale, rope_mscale);
+  if (x.shape(2) != cache.shape(1) * cache.shape(3)) {
+    bad_decode("kv_write", "x must hold n_kv * D = " +
+                               std::to_string(cache.shape(1) * cache.shape(3)) + " features");
+  }
+  auto prim = std::make_shared<KvWrite>(cpu_stream(s, "kv_write"), rope);
+  return mx::array(cache.shape(), mx::float32, prim,
+                   decode_inputs({cache, x, positions}, inv_freq));
+}
+
+mx::array decode_attention(const mx::array& q, const mx::array& k_cache,
+                           const mx::array& v_cache, const mx::array& positions,
+                           const std::optional<mx::array>& inv_freq, float scale,
+                           float rope_scale, float rope_mscale, int window, float softcap,
+                           mx::StreamOrDevice s) {
+  auto rope = check_decode("decode_attention", k_cache, q, positions, inv_freq, rope_scale,
+                           rope_mscale);
+  if (v_cache.shape() != k_cache.shape() || v_cache.dtype() != mx::float32) {
+    bad_decode("decode_attention", "the caches must have one shape and be float32");
+  }
+  if ((q.shape(2) / k_cache.shape(3)) % k_cache.shape(1)) {
+    bad_decode("decode_attention", "the query heads must be a multiple of the key heads");
+  }
+  if (window < 0 || softcap < 0) bad_decode("decode_attention", "window and softcap must be >= 0");
+  DecodeAttention::Params p{rope, scale, softcap, window};
+  auto prim = std::make_shared<DecodeAttention>(cpu_stream(s, "decode_attention"), p);
+  return mx::array(q.shape(), mx::float32, prim,
+                   decode_inputs({q, k_cache, v_cache, positions}, inv_freq));
+}
+
 }  // namespace
 
 NB_MODULE(_quant, m) {
@@ -456,6 +639,19 @@ NB_MODULE(_quant, m) {
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("w"), nb::arg("eps"),
         nb::arg("stream") = nb::none(),
         "x * rsqrt(mean(x^2, axis=-1) + eps) * w, float32 (CPU).");
+  m.def("kv_write", &kv_write, nb::arg("cache"), nb::arg("x"), nb::arg("positions"),
+        nb::arg("inv_freq") = nb::none(), nb::arg("rope_scale") = 1.0f,
+        nb::arg("rope_mscale") = 1.0f, nb::arg("stream") = nb::none(),
+        "The cache (B, n_kv, T, D) with row b's new key or value x[b] (B, 1, n_kv * D) at "
+        "position positions[b], rotated (RoPE, rotate_half layout) when inv_freq is given; "
+        "float32 (CPU). In place when nothing else holds the cache.");
+  m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k_cache"),
+        nb::arg("v_cache"), nb::arg("positions"), nb::arg("inv_freq") = nb::none(),
+        nb::arg("scale") = 1.0f, nb::arg("rope_scale") = 1.0f, nb::arg("rope_mscale") = 1.0f,
+        nb::arg("window") = 0, nb::arg("softcap") = 0.0f, nb::arg("stream") = nb::none(),
+        "A decode step's attention, float32 (CPU): row b's query heads q[b] (B, 1, H * D), "
+        "rotated when inv_freq is given and scaled, over positions 0..positions[b] of the "
+        "(B, n_kv, T, D) caches (the last `window` only, if > 0); (B, 1, H * D).");
   m.def("isa", []() { return std::string(ffai_quant_isa()); },
         "Instruction set the kernel dispatched to on this CPU.");
   m.def("threads", []() { return ffai_quant_threads(); }, "Threads the kernel uses.");
