@@ -75,6 +75,8 @@ class Arch:
         the kernels are loaded (quant.native_ops), else as MLX ops."""
         on = native and quant.native_ops() is not None
         assert decoder.fused_layers == (self.engine.model.num_layers if on else 0)
+        if on:  # one trace for every length (after the first step's), no width retraces
+            assert 0 in decoder._traces and len(decoder._traces) <= 2
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

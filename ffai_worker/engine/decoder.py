@@ -13,6 +13,10 @@ retrace; its kernels come from the on-disk cache), and the
 geometric granularity bounds the traces kept to about a hundred for a 32k
 context. The mask hides each row's positions past its own length.
 
+Where the native kernels run every layer's attention (`models.base.decode_attention`,
+Linux CPU), each row reads exactly its own positions: the width plays no part, and one
+trace (width 0) serves every length, with no retrace as rows grow.
+
 `FFAI_COMPILE=0` runs the same function eagerly (for debugging, or a machine
 whose MLX cannot build CPU kernels; that is also detected at the first step).
 """
@@ -130,13 +134,21 @@ class BatchedDecoder:
         cache = self.cache
         n = cache.active
         write_at = cache.advance(decoding)
-        width = attention_width(max(write_at) + 1, cache.capacity)
+        width = self._width(max(write_at) + 1, cache.capacity)
         positions = mx.array(write_at, dtype=mx.int32)  # (S,)
         slots = len(write_at)
         if slots > n:
             inputs = mx.pad(inputs, [(0, slots - n), (0, 0)])  # (S, 1)
         logits, cache.keys, cache.values = self._run(width, inputs, positions)
         return logits[:n] if slots > n else logits  # (n, V)
+
+    def _width(self, longest: int, capacity: int) -> int:
+        """The attention width of the step, or 0 where every layer attends natively: each
+        row then reads exactly its own positions, so one trace serves every length."""
+        layers = getattr(self.model, "num_layers", -1)
+        if self.fused_layers == layers and native_ops() is not None:
+            return 0
+        return attention_width(longest, capacity)
 
     @property
     def _traces(self) -> OrderedDict[int, Callable[..., Any]]:
