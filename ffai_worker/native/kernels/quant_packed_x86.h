@@ -90,26 +90,26 @@ T512 static inline __m512i broadcast4(const int8_t *x) {
         }                                                                                     \
     }
 
-PTILE512(8, 4, 1)
 PTILE512(8, 2, 4)
 PTILE512(8, 2, 1)
 PTILE512(8, 1, 4)
 PTILE512(8, 1, 1)
-PTILE512(4, 4, 1)
 PTILE512(4, 2, 4)
 PTILE512(4, 2, 1)
 PTILE512(4, 1, 4)
 PTILE512(4, 1, 1)
 
 /* Rows n0..n1 (n0 a multiple of 16): pairs of blocks, then a last single block. A
- * product of fewer rows than a column tile (decode at batch 1-3) takes blocks four at a
- * time: each broadcast activation word then serves four weight loads. */
+ * product of fewer rows than a column tile (decode at batch 1-3) is a pure read of the
+ * weights and takes one block at a time: one sequential stream, which the prefetcher
+ * follows better than the two or four interleaved ones of wider tiles (one decode step's
+ * q8 products at M=1, 4 blocks a tile -> 1: 31-35 -> 28-29 ms; q4 22-25 -> 18-21 ms). */
 #define PROWS(ISA, BITS, TARGET_ATTR, CW)                                                    \
     TARGET_ATTR static void prows_##ISA##_q##BITS(const struct qjob *j, int n0, int n1) {     \
         int blk = n0 / LANES, end = (n1 + LANES - 1) / LANES;                                \
         if (j->M < CW)                                                                       \
-            for (; blk + 4 <= end; blk += 4)                                                 \
-                for (int m = 0; m < j->M; m++) ptile_##ISA##_q##BITS##_4_1(j, blk, m);       \
+            for (; blk < end; blk++)                                                         \
+                for (int m = 0; m < j->M; m++) ptile_##ISA##_q##BITS##_1_1(j, blk, m);       \
         for (; blk + 2 <= end; blk += 2) {                                                   \
             int m = 0;                                                                       \
             for (; m + CW <= j->M; m += CW) ptile_##ISA##_q##BITS##_2_##CW(j, blk, m);       \
@@ -122,8 +122,6 @@ PTILE512(4, 1, 1)
         }                                                                                    \
     }
 
-#define ptile_avx512_q8_4_1 ptile512_q8_4_1
-#define ptile_avx512_q4_4_1 ptile512_q4_4_1
 #define ptile_avx512_q8_2_4 ptile512_q8_2_4
 #define ptile_avx512_q8_2_1 ptile512_q8_2_1
 #define ptile_avx512_q8_1_4 ptile512_q8_1_4
@@ -224,8 +222,6 @@ PTILE256(4, 2)
 PTILE256(4, 1)
 
 /* One block at a time (a "pair" of blocks is two calls: the same operations per pair). */
-#define ptile_avx2_q8_4_1(j, blk, m) (ptile_avx2_q8_2_1(j, blk, m), ptile_avx2_q8_2_1(j, (blk) + 2, m))
-#define ptile_avx2_q4_4_1(j, blk, m) (ptile_avx2_q4_2_1(j, blk, m), ptile_avx2_q4_2_1(j, (blk) + 2, m))
 #define ptile_avx2_q8_2_2(j, blk, m) (ptile256_q8_2(j, blk, m), ptile256_q8_2(j, (blk) + 1, m))
 #define ptile_avx2_q8_2_1(j, blk, m) (ptile256_q8_1(j, blk, m), ptile256_q8_1(j, (blk) + 1, m))
 #define ptile_avx2_q8_1_2 ptile256_q8_2
