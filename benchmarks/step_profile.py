@@ -13,7 +13,8 @@ dev machine drifts, so every figure of a round is taken back to back):
   matmuls in isolation, M = batch rows, one `mx.eval` (same BLAS and small-M kernel);
 - the parts of forward - products timed in isolation, each compiled as the step
   is, for all layers at the step's shapes: norms and residual adds, RoPE, SiLU
-  gate, attention over the step's width with the KV writes, the embedding;
+  gate, attention with the KV writes, the embedding (where the native kernels run
+  the attention, as the decoder does on Linux, RoPE is inside it and shows as 0);
   "rest" is what they leave unexplained (dispatch of the graph's nodes);
 - step - forward: the engine's share (sampling, readback, Python), and the
   greedy argmax over the vocabulary in isolation.
@@ -45,6 +46,7 @@ from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.types import RequestKey
 from ffai_worker.models.cpu_ops import cpu_decode_step, scaled_dot_product_attention, silu_mul
 from ffai_worker.models.quantized import KernelFusedLinear
+from ffai_worker.native.quant import native_ops
 from ffai_worker.native.blas import blas_info
 
 PROMPT = "Once upon a time there was a little girl named Lily who loved to play outside "
@@ -200,7 +202,27 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
                 outs.append(scaled_dot_product_attention(q[i], k, v, scale=1.0, mask=mask))
         return outs, new_kv[::2] + new_kv[1::2]
 
-    attend = mx.compile(attention)
+    ext = native_ops()
+    if ext is not None:  # as the decoder runs it: RoPE, KV writes and attention natively
+        rope_params = rope.native_params()
+        q_rows = [x.reshape(batch, 1, -1) for x in q]  # (B, 1, H * Dh)
+        k_rows = [x.reshape(batch, 1, -1) for x in k1]
+
+        def native_attention(
+            q: list[mx.array], k1: list[mx.array], pos: mx.array, kv: list[mx.array]
+        ) -> tuple[list[mx.array], list[mx.array]]:
+            outs, new_kv = [], []
+            for i in range(n):
+                k = ext.kv_write(kv[i], k1[i], pos, **rope_params)
+                v = ext.kv_write(kv[n + i], k1[i], pos)
+                new_kv += [k, v]
+                outs.append(ext.decode_attention(q[i], k, v, pos, **rope_params))
+            return outs, new_kv[::2] + new_kv[1::2]
+
+        q, k1 = q_rows, k_rows
+        attend = mx.compile(native_attention)
+    else:
+        attend = mx.compile(attention)
 
     def attention_step() -> list[mx.array]:
         # Like the decoder: the cache buffers are replaced by the step's outputs, so the
@@ -210,7 +232,7 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
 
     fns = {
         "norms+residuals": (mx.compile(norms_residuals), (h, h2)),
-        "rope": (mx.compile(ropes), (q, k1, pos)),
+        "rope": (mx.compile(ropes), (q, k1, pos)) if ext is None else (lambda: [], ()),
         "silu*up": (mx.compile(silu_gates), (gate, up)),
         "attention+kv": (attention_step, ()),
         "embedding": (lambda t: model.model.embed_tokens(t), (tokens,)),

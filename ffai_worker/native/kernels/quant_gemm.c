@@ -122,35 +122,63 @@ static inline int permuted(int i, int chunk) {
     return i - r + ((r & 1) ? chunk / 2 + r / 2 : r / 2);
 }
 
-static void quantize_activations(const struct qjob *j, const float *x, int chunk, int8_t *x8,
-                                 float *xd, float *xsum, int32_t *x8sum) {
-    for (int m = 0; m < j->M; m++) {
-        const float *row = x + (size_t)m * j->K;
-        for (int g = 0; g < j->groups; g++) {
-            float sum = 0.0f;
-            for (int i = g * j->G; i < (g + 1) * j->G; i++) sum += row[i];
-            xsum[(size_t)m * j->groups + g] = sum;
-        }
-        for (int blk = 0; blk < j->blocks; blk++) {
-            const float *src = row + (size_t)blk * QK;
-            int8_t *dst = x8 + (size_t)m * j->K + (size_t)blk * QK;
-            float amax = 0.0f;
-            for (int i = 0; i < QK; i++) {
-                float a = fabsf(src[i]);
-                amax = a > amax ? a : amax;
-            }
-            float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t total = 0;
-            for (int i = 0; i < QK; i++) {
-                float q = nearbyintf(src[i] * id);
-                int v = q > 127.0f ? 127 : (q < -127.0f ? -127 : (int)q);
-                dst[permuted(blk * QK + i, chunk) - blk * QK] = (int8_t)v;
-                total += v;
-            }
-            xd[(size_t)m * j->blocks + blk] = amax / 127.0f;
-            x8sum[(size_t)m * j->blocks + blk] = total;
-        }
+#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: x + it - it rounds x, for |x| < 2^22 */
+
+/* Row m of x as int8 per block of 32 (see quantize_activations). */
+static void quantize_row(const struct qjob *j, const float *x, int chunk, int m, int8_t *x8,
+                         float *xd, float *xsum, int32_t *x8sum) {
+    const float *row = x + (size_t)m * j->K;
+    for (int g = 0; g < j->groups; g++) {
+        float sum = 0.0f;
+        for (int i = g * j->G; i < (g + 1) * j->G; i++) sum += row[i];
+        xsum[(size_t)m * j->groups + g] = sum;
     }
+    for (int blk = 0; blk < j->blocks; blk++) {
+        const float *src = row + (size_t)blk * QK;
+        int8_t *dst = x8 + (size_t)m * j->K + (size_t)blk * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) {
+            float a = fabsf(src[i]);
+            amax = a > amax ? a : amax;
+        }
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t total = 0;
+        for (int i = 0; i < QK; i++) {
+            /* Round to nearest even as nearbyintf does (|v| <= 127 here), without the
+             * libm call the baseline ISA needs for it (~20 ns an element). */
+            float q = (src[i] * id + ROUND_MAGIC) - ROUND_MAGIC;
+            int v = q > 127.0f ? 127 : (q < -127.0f ? -127 : (int)q);
+            dst[permuted(blk * QK + i, chunk) - blk * QK] = (int8_t)v;
+            total += v;
+        }
+        xd[(size_t)m * j->blocks + blk] = amax / 127.0f;
+        x8sum[(size_t)m * j->blocks + blk] = total;
+    }
+}
+
+struct quantize_task_args {
+    const struct qjob *j;
+    const float *x;
+    int chunk;
+};
+
+static void quantize_task(const void *ctx, int part, int parts) {
+    const struct quantize_task_args *t = ctx;
+    const struct qjob *j = t->j;
+    int m0, m1;
+    pool_split(part, parts, j->M, 1, &m0, &m1);
+    /* The job's buffers are const for the tiles; quant_matmul allocated them for this. */
+    for (int m = m0; m < m1; m++)
+        quantize_row(j, t->x, t->chunk, m, (int8_t *)j->x8, (float *)j->xd, (float *)j->xsum,
+                     (int32_t *)j->x8sum);
+}
+
+/* Each row of x to int8 per block of 32 with its scale (xd), the block sums of the int8
+ * values (x8sum) and the float sums per weight group (xsum), into j's buffers. Rows are
+ * independent, so a prefill's many rows go over the pool. */
+static void quantize_activations(const struct qjob *j, const float *x, int chunk) {
+    struct quantize_task_args t = {j, x, chunk};
+    pool_run(quantize_task, &t, j->M >= 16);
 }
 
 static inline int weight_at(const struct qjob *j, int n, int k) {
@@ -295,8 +323,8 @@ static int quant_matmul(const float *x, const uint32_t *w, const void *scales, c
         return -1;
     }
     int chunk = bits == 8 ? 0 : (packed ? v->packed_chunk : v->chunk);
-    quantize_activations(&j, x, chunk, x8, xf, xf + blocks, x8sum);
     j.x8 = x8, j.xd = xf, j.xsum = xf + blocks, j.x8sum = x8sum;
+    quantize_activations(&j, x, chunk);
     qrows_fn rows = packed ? (bits == 8 ? v->packed8 : v->packed4) : (bits == 8 ? v->q8 : v->q4);
     struct qtask task = {&j, rows};
     /* Below ~256 KB of weight bytes x rows a second thread saves less than it costs. */
