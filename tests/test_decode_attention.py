@@ -163,6 +163,24 @@ def test_rows_alone_equal_rows_in_batch_and_threads_agree() -> None:
         _quant.configure(threads, "")
 
 
+def test_columns_of_one_fused_projection() -> None:
+    """q, k and v as columns of one (B, 1, q | k | v) array, as a fused projection makes
+    them: the same results, to the bit, as separate arrays."""
+    case, arrays = _make(CASES["window"])
+    a = {name: mx.array(x) for name, x in arrays.items()}
+    qkv = mx.concatenate([a["q"], a["k"], a["v"]], axis=-1)
+    q_width, k_width = arrays["q"].shape[-1], arrays["k"].shape[-1]
+    rope = {"inv_freq": a["inv"]}
+    keys = ext.kv_write(a["kc"], qkv, a["pos"], **rope, column=q_width)
+    values = ext.kv_write(a["vc"], qkv, a["pos"], column=q_width + k_width)
+    heads = case["heads"]
+    out = ext.decode_attention(qkv, keys, values, a["pos"], **rope, window=7, heads=heads)
+    want = [np.array(x) for x in _native({**case, "scale": 1.0}, arrays)]
+    assert out.shape == (arrays["q"].shape[0], 1, q_width)
+    for got, expected in zip((out, keys, values), want, strict=True):
+        assert np.array_equal(np.array(got), expected)
+
+
 def _address(a: mx.array) -> int:
     view = np.array(a, copy=False)
     return int(view.__array_interface__["data"][0])
@@ -186,8 +204,10 @@ def test_refuses_bad_input() -> None:
     a = {name: mx.array(x) for name, x in arrays.items()}
     with pytest.raises(ValueError, match="float32"):
         ext.kv_write(a["kc"].astype(mx.float16), a["k"], a["pos"])
-    with pytest.raises(ValueError, match="n_kv"):
-        ext.kv_write(a["kc"], a["q"], a["pos"])
+    with pytest.raises(ValueError, match="do not fit"):
+        ext.kv_write(a["kc"], a["k"], a["pos"], column=1)
+    with pytest.raises(ValueError, match="do not fit"):
+        ext.decode_attention(a["q"], a["kc"], a["vc"], a["pos"], heads=9)
     with pytest.raises(ValueError, match="int32"):
         ext.kv_write(a["kc"], a["k"], a["pos"].astype(mx.int64))
     with pytest.raises(ValueError, match="inv_freq"):

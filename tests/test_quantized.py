@@ -22,6 +22,8 @@ from checkpoints import build_gemma2, build_llama, build_qwen2
 
 from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine
+from ffai_worker.engine.decoder import BatchedDecoder
+from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.models.loading import ModelLoadError, load_model
 from ffai_worker.models.quantized import (
     FusedMember,
@@ -192,7 +194,27 @@ def test_fused_siblings_give_the_same_logits_to_the_bit(tmp_path: Path, build: A
         assert isinstance(attn[name], FusedMember)
         assert np.array_equal(np.array(attn[name](x)), np.array(plain_attn[name](x)))
     assert fuse_siblings(fused) == 0  # nothing left to fuse
+    # Decode steps: the native attention and gate read the fused product's columns.
+    assert np.array_equal(_decode_logits(fused), _decode_logits(plain))
     # out of order, or a partial group: each member on its own, same values
     k, q = project(x, attn.k_proj, attn.q_proj)
     assert np.array_equal(np.array(q), np.array(plain_attn.q_proj(x)))
     assert np.array_equal(np.array(k), np.array(plain_attn.k_proj(x)))
+
+
+def _decode_logits(model: Any, steps: int = 3) -> np.ndarray:
+    """Logits of a few batched decode steps (2 rows at different lengths) after a prefill."""
+    cache = SlotCache(model.num_layers, model.n_kv_heads, model.head_dim, mx.float32, max_slots=2)
+    for slot, length in enumerate((5, 9)):
+        cache.acquire()
+        model(mx.array([IDS[:length]]), cache=cache.prefill_views(slot, 0, length))
+    decoder = BatchedDecoder(model, cache)
+    tokens, logits = mx.array([[IDS[5]], [IDS[9]]]), []
+    for _ in range(steps):
+        out = decoder(tokens, [True, True])
+        mx.eval(out)
+        logits.append(np.array(out))
+        tokens = mx.argmax(out, axis=-1)[:, None]
+    if quant.native_ops() is not None:
+        assert decoder.fused_layers == model.num_layers
+    return np.stack(logits)

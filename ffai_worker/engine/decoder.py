@@ -34,6 +34,7 @@ from typing import Any
 import mlx.core as mx
 
 from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.models.base import Columns
 from ffai_worker.models.cpu_ops import cpu_decode_step
 from ffai_worker.native.quant import native_ops
 
@@ -67,20 +68,23 @@ class _StepView:
         return native_ops() is not None and self.keys.dtype == mx.float32
 
     def fused_attention(
-        self, q: mx.array, k: mx.array, v: mx.array, *, rope: dict[str, Any], **attend: Any
+        self, q: Columns, k: Columns, v: Columns, *, rope: dict[str, Any], **attend: Any
     ) -> mx.array:
         """RoPE, KV write and attention as three native nodes (`models.base.decode_attention`).
 
+        q, k and v are (array, first column, width): the kernels read them in place.
         Each row attends exactly its own positions, so the step's width does not matter
         here; the old buffers are donated, as in `update_and_fetch`.
         """
         ext = native_ops()
         assert ext is not None, "fused_attention without fused_ready"
         self.fused = True
-        self.keys = ext.kv_write(self.keys, k, self.offset, **rope)
-        self.values = ext.kv_write(self.values, v, self.offset)
+        positions = self.offset
+        self.keys = ext.kv_write(self.keys, k[0], positions, **rope, column=k[1])
+        self.values = ext.kv_write(self.values, v[0], positions, column=v[1])
+        heads = q[2] // self.keys.shape[3]
         out: mx.array = ext.decode_attention(
-            q, self.keys, self.values, self.offset, **rope, **attend
+            q[0], self.keys, self.values, positions, **rope, **attend, column=q[1], heads=heads
         )
         return out
 

@@ -235,21 +235,27 @@ def fused_decode(cache: LayerCache | None, x: mx.array) -> bool:
     return bool(ready) and x.shape[1] == 1 and x.dtype == mx.float32
 
 
-def decode_attention(attn: Any, cache: Any, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+Columns = tuple[mx.array, int, int]  # (array (B, 1, features), first column, width)
+
+
+def decode_attention(attn: Any, cache: Any, q: Columns, k: Columns, v: Columns) -> mx.array:
     """A decode step's whole attention in native nodes (where `fused_decode` says so).
 
     `attn` is the layer's attention module (n_heads, n_kv_heads, head_dim, rope, scale,
-    window, use_qk_norm with q_norm/k_norm, and softcap where it has one). q (B, 1, H * D),
-    k and v (B, 1, n_kv * D) come straight from the projections; the result is
-    (B, 1, H * D). RoPE, the KV write into the batched decoder's slot cache and the
-    attention are three kernel calls (`kernels/attn_kernels.h`, engine/decoder.py) where
-    MLX ops take about 30 graph nodes per layer, whose dispatch is most of a CPU decode
-    step's cost beyond reading the weights (benchmarks/NOTES.md).
+    window, use_qk_norm with q_norm/k_norm, and softcap where it has one). q, k and v are
+    the projections' outputs before RoPE, as columns of their arrays (a fused projection's
+    one product: `quantized.project_columns`), so no slice node comes between them and the
+    kernels; the result is (B, 1, H * D). RoPE, the KV write into the batched decoder's
+    slot cache and the attention are three kernel calls (`kernels/attn_kernels.h`,
+    engine/decoder.py) where MLX ops take about 30 graph nodes per layer, whose dispatch
+    is most of a CPU decode step's cost beyond reading the weights (benchmarks/NOTES.md).
     """
-    B = q.shape[0]
-    if getattr(attn, "use_qk_norm", False):
-        q = attn.q_norm(q.reshape(B, 1, attn.n_heads, attn.head_dim)).reshape(B, 1, -1)
-        k = attn.k_norm(k.reshape(B, 1, attn.n_kv_heads, attn.head_dim)).reshape(B, 1, -1)
+    if getattr(attn, "use_qk_norm", False):  # the norms need the heads as arrays
+        B, D = q[0].shape[0], attn.head_dim
+        q_heads = _columns(q).reshape(B, 1, attn.n_heads, D)
+        k_heads = _columns(k).reshape(B, 1, attn.n_kv_heads, D)
+        q = (attn.q_norm(q_heads).reshape(B, 1, -1), 0, q[2])
+        k = (attn.k_norm(k_heads).reshape(B, 1, -1), 0, k[2])
     out: mx.array = cache.fused_attention(
         q,
         k,
@@ -260,6 +266,11 @@ def decode_attention(attn: Any, cache: Any, q: mx.array, k: mx.array, v: mx.arra
         softcap=getattr(attn, "softcap", None) or 0.0,
     )
     return out
+
+
+def _columns(c: Columns) -> mx.array:
+    array, start, width = c
+    return array if start == 0 and width == array.shape[-1] else array[..., start : start + width]
 
 
 # -- layer types, masks and attention ------------------------------------------------------------

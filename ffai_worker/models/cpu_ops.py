@@ -29,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from ffai_worker.models.quantized import project, project_columns
 from ffai_worker.native.quant import native_ops
 
 # MLX's exp (backend/cpu/simd/math.h, from Cephes): 2**x = 2**round(x) * P(fraction).
@@ -44,6 +45,7 @@ _EXP_POLY = (
 _ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND - _ROUND rounds x to an integer
 # fast_exp is three kernels where MLX's is one: it pays from about this many elements.
 FAST_EXP_MIN = 8192
+DECODE_ROWS = 16  # up to this many rows, `gated` reads a fused gate/up product's columns
 
 _state = threading.local()  # .memo: the active step's shared values (RoPE tables), else None
 
@@ -112,6 +114,20 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     if ext is not None and gate.dtype == up.dtype == mx.float32 and gate.shape == up.shape:
         return ext.silu_mul(gate, up)  # type: ignore[no-any-return]
     return silu(gate) * up
+
+
+def gated(x: mx.array, gate_proj: Any, up_proj: Any) -> mx.array:
+    """silu(gate_proj(x)) * up_proj(x). For a decode step's few rows with gate/up fused on
+    the native kernel, the gate reads the fused product's columns directly: one graph node
+    where two slices and the gate were three."""
+    ext = native_ops()
+    rows = x.size // max(1, x.shape[-1])
+    if ext is not None and rows <= DECODE_ROWS:
+        (y, gate, width), (y_up, up, up_width) = project_columns(x, gate_proj, up_proj)
+        if y is y_up and width == up_width and y.dtype == mx.float32:
+            return ext.silu_mul_columns(y, gate, up, width)  # type: ignore[no-any-return]
+        return silu_mul(y[..., gate : gate + width], y_up[..., up : up + up_width])
+    return silu_mul(*project(x, gate_proj, up_proj))
 
 
 def _softmax(scores: mx.array) -> mx.array:

@@ -34,7 +34,7 @@ from ffai_worker.models.base import (
     window_mask,
 )
 from ffai_worker.models.cpu_ops import rms_norm
-from ffai_worker.models.quantized import project
+from ffai_worker.models.quantized import project, project_columns
 
 # transformers' ACT2FN names of the activations Gemma configs use.
 ACTIVATIONS = {
@@ -142,9 +142,10 @@ class Attention(nn.Module):
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
     ) -> mx.array:
         B, L, _ = x.shape  # (B, L, D)
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
         if fused_decode(cache, x):  # RoPE, KV write and attention in native nodes
-            return self.o_proj(decode_attention(self, cache, q, k, v))  # (B, 1, D)
+            q_, k_, v_ = project_columns(x, self.q_proj, self.k_proj, self.v_proj)
+            return self.o_proj(decode_attention(self, cache, q_, k_, v_))  # (B, 1, D)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
         v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)

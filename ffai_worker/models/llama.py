@@ -32,8 +32,8 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
-from ffai_worker.models.cpu_ops import RMSNorm, scaled_dot_product_attention, silu_mul
-from ffai_worker.models.quantized import project
+from ffai_worker.models.cpu_ops import RMSNorm, gated, scaled_dot_product_attention
+from ffai_worker.models.quantized import project, project_columns
 
 
 @dataclass
@@ -126,9 +126,10 @@ class Attention(nn.Module):
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
     ) -> mx.array:
         B, L, _ = x.shape  # (B, L, D)
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
         if fused_decode(cache, x):  # RoPE, KV write and attention in native nodes
-            return self.o_proj(decode_attention(self, cache, q, k, v))  # (B, 1, D)
+            q_, k_, v_ = project_columns(x, self.q_proj, self.k_proj, self.v_proj)
+            return self.o_proj(decode_attention(self, cache, q_, k_, v_))  # (B, 1, D)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product if fused
         q = q.reshape(B, L, self.n_heads, self.head_dim)
         k = k.reshape(B, L, self.n_kv_heads, self.head_dim)
         if self.use_qk_norm:
@@ -155,8 +156,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(gated(x, self.gate_proj, self.up_proj))
 
 
 class TransformerBlock(nn.Module):

@@ -115,8 +115,9 @@ class Attention(nn.Module):
         k_end = q_end + self.n_kv_heads * self.head_dim
         qkv = self.qkv_proj(x)  # (B, L, (H + 2 Hkv) Dh)
         if fused_decode(cache, x):  # RoPE, KV write and attention in native nodes
-            q, k, v = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
-            return self.o_proj(decode_attention(self, cache, q, k, v))  # (B, 1, D)
+            kv_width = k_end - q_end
+            q_, k_, v_ = (qkv, 0, q_end), (qkv, q_end, kv_width), (qkv, k_end, kv_width)
+            return self.o_proj(decode_attention(self, cache, q_, k_, v_))  # (B, 1, D)
         q = qkv[..., :q_end].reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = qkv[..., q_end:k_end].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = qkv[..., k_end:].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)

@@ -178,10 +178,13 @@ class KernelFusedLinear(_Packed, nn.Module):
         if any("bias" in m for m in members):
             self["bias"] = mx.concatenate([_padded_bias(m) for m in members])
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
+    def product(self, x: mx.array) -> mx.array:
+        """The members' outputs side by side, at their `slices` (padding between them)."""
         y = self._matmul(x)
-        if "bias" in self:
-            y = y + self["bias"]
+        return y + self["bias"] if "bias" in self else y
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        y = self.product(x)
         return [y[..., start : start + width] for start, width in self.slices]
 
 
@@ -197,18 +200,38 @@ class FusedMember(nn.Module):
         return self.group()(x)[self.index]  # type: ignore[no-any-return]
 
 
+def _fused_group(layers: tuple[Any, ...]) -> KernelFusedLinear | None:
+    """The group `fuse_siblings` made of exactly these layers, in order, else None."""
+    first = layers[0]
+    if not isinstance(first, FusedMember):
+        return None
+    group: KernelFusedLinear = first.group()
+    same = all(
+        isinstance(m, FusedMember) and m.group() is group and m.index == i
+        for i, m in enumerate(layers)
+    )
+    return group if same and len(layers) == len(group.slices) else None
+
+
 def project(x: mx.array, *layers: Any) -> list[mx.array]:
     """`[layer(x) for layer in layers]`, as one product where `fuse_siblings` fused them."""
-    first = layers[0]
-    if isinstance(first, FusedMember):
-        group = first.group()
-        same = all(
-            isinstance(m, FusedMember) and m.group() is group and m.index == i
-            for i, m in enumerate(layers)
-        )
-        if same and len(layers) == len(group.slices):
-            return group(x)  # type: ignore[no-any-return]
+    group = _fused_group(layers)
+    if group is not None:
+        return group(x)  # type: ignore[no-any-return]
     return [layer(x) for layer in layers]
+
+
+def project_columns(x: mx.array, *layers: Any) -> list[tuple[mx.array, int, int]]:
+    """`project`'s outputs as (array, first column, width): a fused group's one product and
+    each member's columns in it, so that a native kernel reads the member there without a
+    slice node (decode steps: see base.decode_attention and cpu_ops.gated); unfused
+    layers give their own outputs from column 0."""
+    group = _fused_group(layers)
+    if group is not None:
+        y = group.product(x)
+        return [(y, start, width) for start, width in group.slices]
+    outs = [layer(x) for layer in layers]
+    return [(out, 0, int(out.shape[-1])) for out in outs]
 
 
 def _padded_rows(member: KernelQuantizedLinear) -> int:

@@ -10,6 +10,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 
+#include <algorithm>
 #include <atomic>
 #include <optional>
 #include <cstring>
@@ -249,6 +250,41 @@ class SiluMul : public CpuInferencePrimitive {
   }
 };
 
+// silu(x[..., g:g+width]) * x[..., u:u+width] for each row of x: the SwiGLU gate read
+// straight from a fused gate/up projection, with no slice nodes (decode-sized: one
+// kernel call per row).
+class SiluMulColumns : public CpuInferencePrimitive {
+ public:
+  SiluMulColumns(mx::Stream stream, int gate, int up, int width)
+      : CpuInferencePrimitive(stream), gate_(gate), up_(up), width_(width) {}
+  const char* name() const override { return "FfaiSiluMulColumns"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const SiluMulColumns*>(&other);
+    return o != nullptr && o->gate_ == gate_ && o->up_ == up_ && o->width_ == width_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = width_;
+    return {shape};
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = start(inputs, out);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
+                      o = mx::array::unsafe_weak_copy(out), g = gate_, u = up_,
+                      w = width_]() mutable {
+      std::vector<char> cx;
+      auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
+      const size_t cols = x.shape(-1), rows = cols ? x.size() / cols : 0;
+      for (size_t r = 0; r < rows; ++r) {
+        ffai_silu_mul(xp + r * cols + g, xp + r * cols + u, o.data<float>() + r * w, w);
+      }
+    });
+  }
+
+ private:
+  int gate_, up_, width_;
+};
+
 // Softmax over the last axis (act_kernels.h), optionally with the causal mask of a
 // (..., L, T) score block: query i sees keys 0..T-L+i.
 class RowSoftmax : public CpuInferencePrimitive {
@@ -336,11 +372,12 @@ const float* rows_of(const mx::array& a, std::vector<char>& copy, long& stride) 
 // its cache buffers), else in a copy.
 class KvWrite : public CpuInferencePrimitive {
  public:
-  KvWrite(mx::Stream stream, RopeParams rope) : CpuInferencePrimitive(stream), rope_(rope) {}
+  KvWrite(mx::Stream stream, RopeParams rope, int column)
+      : CpuInferencePrimitive(stream), rope_(rope), column_(column) {}
   const char* name() const override { return "FfaiKvWrite"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const KvWrite*>(&other);
-    return o != nullptr && o->rope_ == rope_;
+    return o != nullptr && o->rope_ == rope_ && o->column_ == column_;
   }
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& cache = inputs[0];
@@ -356,11 +393,11 @@ class KvWrite : public CpuInferencePrimitive {
     auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
     encoder.dispatch([c = weak(cache), x = weak(inputs[1]), pos = weak(inputs[2]),
                       freqs = weak(inputs.size() > 3 ? inputs[3] : inputs[2]),
-                      o = weak(out), copy, rope = rope_]() mutable {
+                      o = weak(out), copy, rope = rope_, column = column_]() mutable {
       if (copy) gather_row_major(c, o.data<char>());
       std::vector<char> cx, cp, cf;
       long stride = 0;
-      const float* rows = rows_of(x, cx, stride);
+      const float* rows = rows_of(x, cx, stride) + column;
       auto* p = static_cast<const int32_t*>(row_major_ptr(pos, cp));
       const ffai_rope r = rope.with(static_cast<const float*>(row_major_ptr(freqs, cf)));
       if (ffai_kv_write(o.data<float>(), rows, stride, p, o.shape(0), o.shape(1), o.shape(2),
@@ -372,6 +409,7 @@ class KvWrite : public CpuInferencePrimitive {
 
  private:
   RopeParams rope_;
+  int column_;  // where the new rows start in each row of x
 };
 
 // Each query head of a decode step over its row's cached positions: inputs q (B, 1, H * D),
@@ -382,7 +420,7 @@ class DecodeAttention : public CpuInferencePrimitive {
   struct Params {
     RopeParams rope;
     float scale, softcap;
-    int window;
+    int window, heads, column;  // column: where the query heads start in each row of q
     bool operator==(const Params&) const = default;
   };
   DecodeAttention(mx::Stream stream, Params p) : CpuInferencePrimitive(stream), p_(p) {}
@@ -400,14 +438,13 @@ class DecodeAttention : public CpuInferencePrimitive {
                       o = weak(out), p = p_]() mutable {
       std::vector<char> cq, ck, cv, cp, cf;
       long stride = 0;
-      const float* rows = rows_of(q, cq, stride);
+      const float* rows = rows_of(q, cq, stride) + p.column;
       auto* k = static_cast<const float*>(row_major_ptr(kc, ck));
       auto* v = static_cast<const float*>(row_major_ptr(vc, cv));
       auto* positions = static_cast<const int32_t*>(row_major_ptr(pos, cp));
       const ffai_rope r = p.rope.with(static_cast<const float*>(row_major_ptr(freqs, cf)));
-      const int heads = q.shape(-1) / kc.shape(3);
       if (ffai_decode_attention(rows, stride, k, v, positions, o.data<float>(), kc.shape(0),
-                                heads, kc.shape(1), kc.shape(2), kc.shape(3), &r, p.scale,
+                                p.heads, kc.shape(1), kc.shape(2), kc.shape(3), &r, p.scale,
                                 p.window, p.softcap) != 0) {
         throw std::runtime_error("decode_attention: a position is outside the cache");
       }
@@ -526,6 +563,24 @@ mx::array silu_mul(const mx::array& g, const mx::array& u, mx::StreamOrDevice s)
                    std::make_shared<SiluMul>(cpu_stream(s, "silu_mul")), {g, u});
 }
 
+mx::array silu_mul_columns(const mx::array& x, int gate, int up, int width,
+                           mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1) {
+    throw std::invalid_argument("silu_mul_columns: x must be float32 (..., features)");
+  }
+  const int cols = x.shape(-1);
+  if (width <= 0 || gate < 0 || up < 0 || gate + width > cols || up + width > cols) {
+    throw std::invalid_argument("silu_mul_columns: columns [" + std::to_string(gate) + ", +" +
+                                std::to_string(width) + ") and [" + std::to_string(up) + ", +" +
+                                std::to_string(width) + ") must lie in rows of " +
+                                std::to_string(cols));
+  }
+  auto shape = x.shape();
+  shape.back() = width;
+  auto prim = std::make_shared<SiluMulColumns>(cpu_stream(s, "silu_mul_columns"), gate, up, width);
+  return mx::array(std::move(shape), mx::float32, prim, {x});
+}
+
 mx::array softmax(const mx::array& x, bool causal, mx::StreamOrDevice s) {
   if (x.dtype() != mx::float32) throw std::invalid_argument("softmax: x must be float32");
   if (x.ndim() < (causal ? 2 : 1)) {
@@ -555,17 +610,23 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::Stream
 }
 
 // Checks what kv_write and decode_attention share; returns the RoPE parameters.
-RopeParams check_decode(const char* op, const mx::array& cache, const mx::array& rows,
-                        const mx::array& positions, const std::optional<mx::array>& inv_freq,
-                        float rope_scale, float rope_mscale) {
+RopeParams check_decode(const char* op, const mx::array& cache, const mx::array& rows, int column,
+                        int width, const mx::array& positions,
+                        const std::optional<mx::array>& inv_freq, float rope_scale,
+                        float rope_mscale) {
   if (cache.dtype() != mx::float32 || rows.dtype() != mx::float32) {
     bad_decode(op, "the cache and the new rows must be float32");
   }
   if (cache.ndim() != 4) bad_decode(op, "the cache must be (B, n_kv, T, D), got " + shape_str(cache));
   const int B = cache.shape(0), D = cache.shape(3);
-  if (rows.ndim() != 3 || rows.shape(0) != B || rows.shape(1) != 1 || rows.shape(2) % D) {
-    bad_decode(op, "new rows must be (B, 1, heads * D) with B = " + std::to_string(B) +
-                       " and D = " + std::to_string(D) + ", got " + shape_str(rows));
+  if (rows.ndim() != 3 || rows.shape(0) != B || rows.shape(1) != 1) {
+    bad_decode(op, "new rows must be (B, 1, features) with B = " + std::to_string(B) + ", got " +
+                       shape_str(rows));
+  }
+  if (column < 0 || width <= 0 || width % D || column + width > rows.shape(2)) {
+    bad_decode(op, std::to_string(width) + " features from column " + std::to_string(column) +
+                       " (whole heads of D = " + std::to_string(D) + ") do not fit rows of " +
+                       std::to_string(rows.shape(2)));
   }
   if (positions.dtype() != mx::int32 || positions.ndim() != 1 || positions.shape(0) != B) {
     bad_decode(op, "positions must be (B,) int32 with B = " + std::to_string(B));
@@ -588,13 +649,11 @@ std::vector<mx::array> decode_inputs(std::vector<mx::array> inputs,
 
 mx::array kv_write(const mx::array& cache, const mx::array& x, const mx::array& positions,
                    const std::optional<mx::array>& inv_freq, float rope_scale, float rope_mscale,
-                   mx::StreamOrDevice s) {
-  auto rope = check_decode("kv_write", cache, x, positions, inv_freq, rope_scale, rope_mscale);
-  if (x.shape(2) != cache.shape(1) * cache.shape(3)) {
-    bad_decode("kv_write", "x must hold n_kv * D = " +
-                               std::to_string(cache.shape(1) * cache.shape(3)) + " features");
-  }
-  auto prim = std::make_shared<KvWrite>(cpu_stream(s, "kv_write"), rope);
+                   int column, mx::StreamOrDevice s) {
+  const int width = cache.ndim() == 4 ? cache.shape(1) * cache.shape(3) : 0;
+  auto rope = check_decode("kv_write", cache, x, column, width, positions, inv_freq, rope_scale,
+                           rope_mscale);
+  auto prim = std::make_shared<KvWrite>(cpu_stream(s, "kv_write"), rope, column);
   return mx::array(cache.shape(), mx::float32, prim,
                    decode_inputs({cache, x, positions}, inv_freq));
 }
@@ -603,19 +662,21 @@ mx::array decode_attention(const mx::array& q, const mx::array& k_cache,
                            const mx::array& v_cache, const mx::array& positions,
                            const std::optional<mx::array>& inv_freq, float scale,
                            float rope_scale, float rope_mscale, int window, float softcap,
-                           mx::StreamOrDevice s) {
-  auto rope = check_decode("decode_attention", k_cache, q, positions, inv_freq, rope_scale,
-                           rope_mscale);
+                           int column, int heads, mx::StreamOrDevice s) {
+  const int D = k_cache.ndim() == 4 ? k_cache.shape(3) : 1;
+  if (heads <= 0 && q.ndim() == 3) heads = (q.shape(2) - column) / std::max(D, 1);
+  auto rope = check_decode("decode_attention", k_cache, q, column, heads * D, positions,
+                           inv_freq, rope_scale, rope_mscale);
   if (v_cache.shape() != k_cache.shape() || v_cache.dtype() != mx::float32) {
     bad_decode("decode_attention", "the caches must have one shape and be float32");
   }
-  if ((q.shape(2) / k_cache.shape(3)) % k_cache.shape(1)) {
+  if (heads % k_cache.shape(1)) {
     bad_decode("decode_attention", "the query heads must be a multiple of the key heads");
   }
   if (window < 0 || softcap < 0) bad_decode("decode_attention", "window and softcap must be >= 0");
-  DecodeAttention::Params p{rope, scale, softcap, window};
+  DecodeAttention::Params p{rope, scale, softcap, window, heads, column};
   auto prim = std::make_shared<DecodeAttention>(cpu_stream(s, "decode_attention"), p);
-  return mx::array(q.shape(), mx::float32, prim,
+  return mx::array({q.shape(0), 1, heads * D}, mx::float32, prim,
                    decode_inputs({q, k_cache, v_cache, positions}, inv_freq));
 }
 
@@ -632,6 +693,10 @@ NB_MODULE(_quant, m) {
         "packed_n > 0: w, scales, biases in the packed layout (quant.pack) of packed_n rows.");
   m.def("silu_mul", &silu_mul, nb::arg("g"), nb::arg("u"), nb::arg("stream") = nb::none(),
         "silu(g) * u, float32, with MLX's exp polynomial in SIMD lanes (CPU).");
+  m.def("silu_mul_columns", &silu_mul_columns, nb::arg("x"), nb::arg("gate"), nb::arg("up"),
+        nb::arg("width"), nb::arg("stream") = nb::none(),
+        "silu(x[..., gate:gate+width]) * x[..., up:up+width], float32 (CPU): a fused gate/up "
+        "projection's SwiGLU without slices.");
   m.def("softmax", &softmax, nb::arg("x"), nb::arg("causal") = false,
         nb::arg("stream") = nb::none(),
         "Softmax over the last axis, float32 (CPU). causal: x is (..., L, T) scores and query "
@@ -641,17 +706,20 @@ NB_MODULE(_quant, m) {
         "x * rsqrt(mean(x^2, axis=-1) + eps) * w, float32 (CPU).");
   m.def("kv_write", &kv_write, nb::arg("cache"), nb::arg("x"), nb::arg("positions"),
         nb::arg("inv_freq") = nb::none(), nb::arg("rope_scale") = 1.0f,
-        nb::arg("rope_mscale") = 1.0f, nb::arg("stream") = nb::none(),
-        "The cache (B, n_kv, T, D) with row b's new key or value x[b] (B, 1, n_kv * D) at "
-        "position positions[b], rotated (RoPE, rotate_half layout) when inv_freq is given; "
-        "float32 (CPU). In place when nothing else holds the cache.");
+        nb::arg("rope_mscale") = 1.0f, nb::arg("column") = 0, nb::arg("stream") = nb::none(),
+        "The cache (B, n_kv, T, D) with row b's new key or value (the n_kv * D features of "
+        "x[b] (B, 1, features) from `column` on) at position positions[b], rotated (RoPE, "
+        "rotate_half layout) when inv_freq is given; float32 (CPU). In place when nothing "
+        "else holds the cache.");
   m.def("decode_attention", &decode_attention, nb::arg("q"), nb::arg("k_cache"),
         nb::arg("v_cache"), nb::arg("positions"), nb::arg("inv_freq") = nb::none(),
         nb::arg("scale") = 1.0f, nb::arg("rope_scale") = 1.0f, nb::arg("rope_mscale") = 1.0f,
-        nb::arg("window") = 0, nb::arg("softcap") = 0.0f, nb::arg("stream") = nb::none(),
-        "A decode step's attention, float32 (CPU): row b's query heads q[b] (B, 1, H * D), "
-        "rotated when inv_freq is given and scaled, over positions 0..positions[b] of the "
-        "(B, n_kv, T, D) caches (the last `window` only, if > 0); (B, 1, H * D).");
+        nb::arg("window") = 0, nb::arg("softcap") = 0.0f, nb::arg("column") = 0,
+        nb::arg("heads") = 0, nb::arg("stream") = nb::none(),
+        "A decode step's attention, float32 (CPU): row b's `heads` query heads (the features "
+        "of q[b] (B, 1, features) from `column` on; heads 0: all that follow), rotated when "
+        "inv_freq is given and scaled, over positions 0..positions[b] of the (B, n_kv, T, D) "
+        "caches (the last `window` only, if > 0); (B, 1, heads * D).");
   m.def("isa", []() { return std::string(ffai_quant_isa()); },
         "Instruction set the kernel dispatched to on this CPU.");
   m.def("threads", []() { return ffai_quant_threads(); }, "Threads the kernel uses.");
