@@ -143,6 +143,25 @@ def test_pack_unpack_and_row_lookup_round_trip() -> None:
         assert np.array_equal(np.array(quant.packed_rows(packed, ids)), np.array(a)[np.array(ids)])
 
 
+@pytest.mark.parametrize("kernel", ["on", "0"])
+def test_bias_is_the_same_add_as_after_the_product(
+    kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bias` inside the primitive (or after MLX's op, kernel off) equals `y + bias`."""
+    monkeypatch.setenv(quant.ENV_VAR, kernel)
+    wq, scales, biases, _ = weights(200, 128, 8, 64, True)
+    w, s, b = (quant.pack(a) for a in (wq, scales, biases))
+    x, bias = activations((3, 128)), activations((200,), seed=1)
+    kw: dict = {"bits": 8, "group_size": 64, "packed_n": 200}
+    plain = quant.quant_matmul(x, w, s, b, **kw) + bias
+    assert np.array_equal(
+        np.array(quant.quant_matmul(x, w, s, b, **kw, bias=bias)), np.array(plain)
+    )
+    if kernel == "on" and quant.available():
+        with pytest.raises(ValueError, match="bias must be float32"):
+            quant.quant_matmul(x, w, s, b, **kw, bias=bias[:100])
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_packed_layout_without_the_kernel_uses_mlx(
     bits: int, monkeypatch: pytest.MonkeyPatch

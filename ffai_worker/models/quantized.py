@@ -50,7 +50,7 @@ class _Packed:
     group_size: int
     __getitem__: Any  # nn.Module's (a dict): the mixin must not define its own
 
-    def _matmul(self, x: mx.array) -> mx.array:
+    def _matmul(self, x: mx.array, bias: mx.array | None = None) -> mx.array:
         return quant.quant_matmul(
             x,
             self["weight"],
@@ -59,7 +59,12 @@ class _Packed:
             bits=self.bits,
             group_size=self.group_size,
             packed_n=self.packed_n,
+            bias=bias,
         )
+
+    def _bias(self) -> mx.array | None:
+        """The layer's float32 bias (the kernel adds it), or None."""
+        return self["bias"].astype(mx.float32) if "bias" in self else None
 
     def unpacked(self) -> tuple[mx.array, mx.array, mx.array]:
         """(weight, scales, biases) in MLX's row-major layout."""
@@ -74,10 +79,7 @@ class KernelQuantizedLinear(_Packed, nn.QuantizedLinear):
     compute_dtype = mx.float32
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self._matmul(x)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+        return self._matmul(x, self._bias())
 
 
 class KernelQuantizedEmbedding(_Packed, nn.QuantizedEmbedding):
@@ -180,8 +182,7 @@ class KernelFusedLinear(_Packed, nn.Module):
 
     def product(self, x: mx.array) -> mx.array:
         """The members' outputs side by side, at their `slices` (padding between them)."""
-        y = self._matmul(x)
-        return y + self["bias"] if "bias" in self else y
+        return self._matmul(x, self._bias())
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         y = self.product(x)

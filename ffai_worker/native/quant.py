@@ -133,18 +133,23 @@ def quant_matmul(
     bits: int,
     group_size: int,
     packed_n: int = 0,
+    bias: mx.array | None = None,
 ) -> mx.array:
-    """`x[..., K] @ dequantize(w, scales, biases)^T` -> float32 `[..., N]`.
+    """`x[..., K] @ dequantize(w, scales, biases)^T (+ bias)` -> float32 `[..., N]`.
 
     MLX's affine format as `mx.quantize` writes it: `w` uint32 `(N, K*bits/32)`,
     `scales`/`biases` float32 or float16 `(N, K/group_size)`; `x` float32. With
-    `packed_n = N > 0`, all three are in `pack`'s layout instead.
+    `packed_n = N > 0`, all three are in `pack`'s layout instead. `bias` (float32, `(N,)`)
+    is added inside the primitive: the same float add, one graph node fewer.
     """
     if _ext is None or not available():
         if packed_n:
             w, scales, biases = (unpack(a, packed_n) for a in (w, scales, biases))
-        return _fallback_matmul(x, w, scales, biases, bits, group_size)
+        y = _fallback_matmul(x, w, scales, biases, bits, group_size)
+        return y if bias is None else y + bias
     # CPU-only primitive: keep the caller's stream (e.g. `with mx.stream(...)`) when the
     # default device is the CPU, and name the CPU only where the default is a GPU.
     stream = None if mx.default_device() == mx.cpu else mx.cpu
-    return _ext.quant_matmul(x, w, scales, biases, bits, group_size, packed_n, stream=stream)
+    return _ext.quant_matmul(
+        x, w, scales, biases, bits, group_size, packed_n, bias=bias, stream=stream
+    )

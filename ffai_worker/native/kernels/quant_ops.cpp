@@ -206,12 +206,15 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   const int N = packed_n_ > 0 ? packed_n_ : inputs[1].shape(0);
   // Weak copies: the eval loop keeps the buffers alive until this task has run
   // (mlx/backend/cpu/eval.cpp), as MLX's own CPU ops rely on.
+  const bool has_bias = inputs.size() > 4;
   encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
                     w = mx::array::unsafe_weak_copy(inputs[1]),
                     s = mx::array::unsafe_weak_copy(inputs[2]),
                     b = mx::array::unsafe_weak_copy(inputs[3]),
+                    bias = mx::array::unsafe_weak_copy(inputs[has_bias ? 4 : 3]),
                     o = mx::array::unsafe_weak_copy(out), M, N, K, bits = bits_,
-                    gs = group_size_, f16 = scales_f16_, packed = packed_n_ > 0]() mutable {
+                    gs = group_size_, f16 = scales_f16_, packed = packed_n_ > 0,
+                    has_bias]() mutable {
     if (M == 0 || N == 0) {
       return;
     }
@@ -226,6 +229,13 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
         kernel(xp, wp, sp, bp, op, M, N, K, bits, gs, f16 ? 1 : 0) != 0) {
       g_fallbacks.fetch_add(1, std::memory_order_relaxed);
       scalar_quant_matmul(xp, wp, sp, bp, op, M, N, K, bits, gs, f16, packed);
+    }
+    if (has_bias) {  // the same float add as `y + bias` after the product
+      std::vector<char> cbias;
+      auto* add = static_cast<const float*>(row_major_ptr(bias, cbias));
+      for (int m = 0; m < M; ++m) {
+        for (int n = 0; n < N; ++n) op[static_cast<size_t>(m) * N + n] += add[n];
+      }
     }
   });
 }
@@ -529,7 +539,7 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                        const mx::array& biases, int bits, int group_size, int packed_n,
-                       mx::StreamOrDevice s) {
+                       const std::optional<mx::array>& bias, mx::StreamOrDevice s) {
   check_args(x, w, scales, biases, bits, group_size, packed_n);
   auto stream = mx::to_stream(s);
   if (stream.device.type != mx::Device::DeviceType::cpu) {
@@ -537,10 +547,18 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& 
   }
   auto shape = x.shape();
   shape.back() = packed_n > 0 ? packed_n : w.shape(0);
+  std::vector<mx::array> inputs{x, w, scales, biases};
+  if (bias) {
+    if (bias->dtype() != mx::float32 || bias->ndim() != 1 || bias->shape(0) != shape.back()) {
+      bad("bias must be float32 (" + std::to_string(shape.back()) + ",), got " +
+          shape_str(*bias));
+    }
+    inputs.push_back(*bias);
+  }
   return mx::array(std::move(shape), mx::float32,
                    std::make_shared<QuantMatmul>(stream, bits, group_size,
                                                  scales.dtype() == mx::float16, packed_n),
-                   {x, w, scales, biases});
+                   std::move(inputs));
 }
 
 mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
@@ -688,9 +706,10 @@ NB_MODULE(_quant, m) {
 
   m.def("quant_matmul", &quant_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"), nb::arg("packed_n") = 0,
-        nb::arg("stream") = nb::none(),
-        "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32. "
-        "packed_n > 0: w, scales, biases in the packed layout (quant.pack) of packed_n rows.");
+        nb::arg("bias") = nb::none(), nb::arg("stream") = nb::none(),
+        "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32, "
+        "plus `bias` (N,) if given. packed_n > 0: w, scales, biases in the packed layout "
+        "(quant.pack) of packed_n rows.");
   m.def("silu_mul", &silu_mul, nb::arg("g"), nb::arg("u"), nb::arg("stream") = nb::none(),
         "silu(g) * u, float32, with MLX's exp polynomial in SIMD lanes (CPU).");
   m.def("silu_mul_columns", &silu_mul_columns, nb::arg("x"), nb::arg("gate"), nb::arg("up"),
