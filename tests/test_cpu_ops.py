@@ -13,6 +13,7 @@ import pytest
 from ffai_worker.models.base import RoPE
 from ffai_worker.models.cpu_ops import (
     FAST_EXP_MIN,
+    RMSNorm,
     cpu_decode_step,
     fast_exp,
     rms_norm,
@@ -246,6 +247,23 @@ def test_native_rms_norm_matches_float64(shape: tuple[int, ...]) -> None:
     r = len(rows) - 1
     alone = np.array(rms_norm(rows[r:], w, 1e-6))  # a row alone, to the bit
     assert np.array_equal(alone[0], np.array(rms_norm(rows, w, 1e-6))[r])
+
+
+@needs_native
+def test_add_then_norm_is_one_node_with_the_same_values() -> None:
+    """RMSNorm.add: the residual sum and its norm, to the bit as `x + y` then the norm."""
+    norm = RMSNorm(96, eps=1e-5)
+    norm.weight = mx.random.normal((96,), key=mx.random.key(15))
+    x = mx.random.normal((3, 2, 96), key=mx.random.key(16))
+    y = mx.random.normal((3, 2, 96), key=mx.random.key(17))
+    total, normed = norm.add(x, y)
+    assert np.array_equal(np.array(total), np.array(x + y))
+    assert np.array_equal(np.array(normed), np.array(norm(x + y)))
+    ext = quant.native_ops()
+    with pytest.raises(ValueError, match="one shape"):
+        ext.add_rms_norm(x, y[:1], norm.weight, 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        ext.add_rms_norm(x.astype(mx.float16), y.astype(mx.float16), norm.weight, 1e-5)
 
 
 @needs_native

@@ -107,6 +107,17 @@ class RMSNorm(nn.RMSNorm):
     def __call__(self, x: mx.array) -> mx.array:
         return rms_norm(x, self["weight"], self.eps)
 
+    def add(self, x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        """(x + y, self(x + y)): a residual add and this norm, one native node (two MLX ops
+        without it), the same float operations either way."""
+        ext = native_ops()
+        w = self["weight"]
+        if ext is not None and x.dtype == y.dtype == w.dtype == mx.float32 and x.shape == y.shape:
+            total, normed = ext.add_rms_norm(x, y, w, self.eps)
+            return total, normed
+        total = x + y
+        return total, self(total)
+
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up: the SwiGLU gate, one native kernel on a CPU."""

@@ -171,8 +171,25 @@ class TransformerBlock(nn.Module):
     def __call__(
         self, x: mx.array, mask: mx.array | str | None, cache: LayerCache | None
     ) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, update = self.residual_call(x, None, mask, cache)
+        return h + update
+
+    def residual_call(
+        self,
+        stream: mx.array,
+        update: mx.array | None,
+        mask: mx.array | str | None,
+        cache: LayerCache | None,
+    ) -> tuple[mx.array, mx.array]:
+        """This block on the residual stream `stream + update` (just `stream` when update
+        is None), returned the same way: each residual add goes into the norm after it
+        (`RMSNorm.add`, one node where two were); the caller adds the last update."""
+        if update is None:
+            h, normed = stream, self.input_layernorm(stream)
+        else:
+            h, normed = self.input_layernorm.add(stream, update)
+        h, normed = self.post_attention_layernorm.add(h, self.self_attn(normed, mask, cache))
+        return h, self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -192,9 +209,10 @@ class LlamaModel(nn.Module):
         if mask is None and inputs.shape[1] > 1:
             mask = "causal"  # mx.fast SDPA aligns it to the last T positions
         caches = cache if cache is not None else [None] * len(self.layers)
+        update = None  # each block's output, added inside the next norm
         for layer, c in zip(self.layers, caches, strict=True):
-            h = layer(h, mask, c)
-        return self.norm(h)
+            h, update = layer.residual_call(h, update, mask, c)
+        return self.norm(h) if update is None else self.norm.add(h, update)[1]
 
 
 class Model(CausalLMBase):

@@ -9,6 +9,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <atomic>
@@ -324,6 +325,50 @@ class RowSoftmax : public CpuInferencePrimitive {
   bool causal_;
 };
 
+// x + y and RMSNorm of that sum (act_kernels.h): a residual add and the norm after it as
+// one node with two outputs (the sum goes on as the residual stream).
+class AddRmsNorm : public mx::Primitive {
+ public:
+  AddRmsNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  const char* name() const override { return "FfaiAddRmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const AddRmsNorm*>(&other);
+    return o != nullptr && o->eps_ == eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[0].shape()};
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[ffai FfaiAddRmsNorm] has no GPU implementation.");
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& o : outputs) {
+      o.set_data(mx::allocator::malloc(o.nbytes()));
+      encoder.set_output_array(o);
+    }
+    for (const auto& in : inputs) encoder.set_input_array(in);
+    const int cols = inputs[0].shape(-1);
+    const int rows = cols > 0 ? static_cast<int>(inputs[0].size() / cols) : 0;
+    auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
+    encoder.dispatch([x = weak(inputs[0]), y = weak(inputs[1]), w = weak(inputs[2]),
+                      sum = weak(outputs[0]), normed = weak(outputs[1]), rows, cols,
+                      eps = eps_]() mutable {
+      if (rows == 0) return;
+      std::vector<char> cx, cy, cw;
+      auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
+      auto* yp = static_cast<const float*>(row_major_ptr(y, cy));
+      float* sp = sum.data<float>();
+      for (size_t i = 0, n = static_cast<size_t>(rows) * cols; i < n; ++i) sp[i] = xp[i] + yp[i];
+      ffai_rms_norm(sp, static_cast<const float*>(row_major_ptr(w, cw)), normed.data<float>(),
+                    rows, cols, eps);
+    });
+  }
+
+ private:
+  float eps_;
+};
+
 // RMSNorm over the last axis with a weight of that width (act_kernels.h).
 class RmsNorm : public CpuInferencePrimitive {
  public:
@@ -611,6 +656,21 @@ mx::array softmax(const mx::array& x, bool causal, mx::StreamOrDevice s) {
                    std::make_shared<RowSoftmax>(cpu_stream(s, "softmax"), causal), {x});
 }
 
+std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& y, const mx::array& w,
+                                    float eps, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || y.dtype() != mx::float32 || w.dtype() != mx::float32) {
+    throw std::invalid_argument("add_rms_norm: x, y and w must be float32");
+  }
+  if (x.shape() != y.shape() || x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("add_rms_norm: x and y must have one shape and w its last "
+                                "width, got " + shape_str(x) + ", " + shape_str(y) + " and " +
+                                shape_str(w));
+  }
+  auto prim = std::make_shared<AddRmsNorm>(cpu_stream(s, "add_rms_norm"), eps);
+  return mx::array::make_arrays({x.shape(), x.shape()}, {mx::float32, mx::float32}, prim,
+                                {x, y, w});
+}
+
 mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s) {
   if (x.dtype() != mx::float32 || w.dtype() != mx::float32) {
     throw std::invalid_argument("rms_norm: x and w must be float32");
@@ -720,6 +780,10 @@ NB_MODULE(_quant, m) {
         nb::arg("stream") = nb::none(),
         "Softmax over the last axis, float32 (CPU). causal: x is (..., L, T) scores and query "
         "i sees keys 0..T-L+i (the others get 0).");
+  m.def("add_rms_norm", &add_rms_norm, nb::arg("x"), nb::arg("y"), nb::arg("w"),
+        nb::arg("eps"), nb::arg("stream") = nb::none(),
+        "(x + y, rms_norm(x + y, w, eps)), float32 (CPU): a residual add and the norm after "
+        "it in one node.");
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("w"), nb::arg("eps"),
         nb::arg("stream") = nb::none(),
         "x * rsqrt(mean(x^2, axis=-1) + eps) * w, float32 (CPU).");
