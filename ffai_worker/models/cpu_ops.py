@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ffai_worker.models.quantized import project, project_columns
+from ffai_worker.models.quantized import fused_group, project, project_columns
 from ffai_worker.native.quant import native_ops
 
 # MLX's exp (backend/cpu/simd/math.h, from Cephes): 2**x = 2**round(x) * P(fraction).
@@ -133,11 +133,10 @@ def gated(x: mx.array, gate_proj: Any, up_proj: Any) -> mx.array:
     where two slices and the gate were three."""
     ext = native_ops()
     rows = x.size // max(1, x.shape[-1])
-    if ext is not None and rows <= DECODE_ROWS:
-        (y, gate, width), (y_up, up, up_width) = project_columns(x, gate_proj, up_proj)
-        if y is y_up and width == up_width and y.dtype == mx.float32:
+    if ext is not None and rows <= DECODE_ROWS and fused_group((gate_proj, up_proj)):
+        (y, gate, width), (_, up, up_width) = project_columns(x, gate_proj, up_proj)
+        if width == up_width and y.dtype == mx.float32:
             return ext.silu_mul_columns(y, gate, up, width)  # type: ignore[no-any-return]
-        return silu_mul(y[..., gate : gate + width], y_up[..., up : up + up_width])
     return silu_mul(*project(x, gate_proj, up_proj))
 
 

@@ -201,7 +201,7 @@ class FusedMember(nn.Module):
         return self.group()(x)[self.index]  # type: ignore[no-any-return]
 
 
-def _fused_group(layers: tuple[Any, ...]) -> KernelFusedLinear | None:
+def fused_group(layers: tuple[Any, ...]) -> KernelFusedLinear | None:
     """The group `fuse_siblings` made of exactly these layers, in order, else None."""
     first = layers[0]
     if not isinstance(first, FusedMember):
@@ -216,7 +216,7 @@ def _fused_group(layers: tuple[Any, ...]) -> KernelFusedLinear | None:
 
 def project(x: mx.array, *layers: Any) -> list[mx.array]:
     """`[layer(x) for layer in layers]`, as one product where `fuse_siblings` fused them."""
-    group = _fused_group(layers)
+    group = fused_group(layers)
     if group is not None:
         return group(x)  # type: ignore[no-any-return]
     return [layer(x) for layer in layers]
@@ -227,7 +227,7 @@ def project_columns(x: mx.array, *layers: Any) -> list[tuple[mx.array, int, int]
     each member's columns in it, so that a native kernel reads the member there without a
     slice node (decode steps: see base.decode_attention and cpu_ops.gated); unfused
     layers give their own outputs from column 0."""
-    group = _fused_group(layers)
+    group = fused_group(layers)
     if group is not None:
         y = group.product(x)
         return [(y, start, width) for start, width in group.slices]
