@@ -101,9 +101,9 @@ PTILE512(4, 1, 1)
 
 /* Rows n0..n1 (n0 a multiple of 16): pairs of blocks, then a last single block. A
  * product of fewer rows than a column tile (decode at batch 1-3) is a pure read of the
- * weights and takes one block at a time: one sequential stream, which the prefetcher
- * follows better than the two or four interleaved ones of wider tiles (one decode step's
- * q8 products at M=1, 4 blocks a tile -> 1: 31-35 -> 28-29 ms; q4 22-25 -> 18-21 ms). */
+ * weights and takes one block at a time: one sequential stream per thread, which reads
+ * faster than the two or four interleaved streams of wider tiles (benchmarks/NOTES.md,
+ * "One stream per thread"). */
 #define PROWS(ISA, BITS, TARGET_ATTR, CW)                                                    \
     TARGET_ATTR static void prows_##ISA##_q##BITS(const struct qjob *j, int n0, int n1) {     \
         int blk = n0 / LANES, end = (n1 + LANES - 1) / LANES;                                \

@@ -68,8 +68,8 @@ TILE(1, 1)
 /* Weight rows [n0, n1) against all M activation rows. From 4 activation rows, tiles of 4
  * weight rows reuse every load 4 times. Below, a weight row serves 1-3 outputs and the
  * product is a pure read of the weights: rows one after another are one sequential stream,
- * which the prefetcher follows better than 4 interleaved ones (0.5B f32 decode step at
- * batch 1: 96-102 -> 79-84 ms; at batch 8 one-row tiles were 1.6x slower). */
+ * which reads faster than 4 interleaved ones; from 4 rows on, one-row tiles were much
+ * slower (benchmarks/NOTES.md, "One stream per thread"). */
 TARGET static void FN(run_rows)(const struct job *j, int n0, int n1) {
     int n = n0;
     for (; j->M >= 4 && n + 4 <= n1; n += 4) {
