@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -13,6 +14,8 @@ import pytest
 from ffai_worker.models.base import RoPE
 from ffai_worker.models.cpu_ops import (
     FAST_EXP_MIN,
+    NativeEmbedding,
+    NativeLinear,
     RMSNorm,
     cpu_decode_step,
     fast_exp,
@@ -264,6 +267,33 @@ def test_add_then_norm_is_one_node_with_the_same_values() -> None:
         ext.add_rms_norm(x, y[:1], norm.weight, 1e-5)
     with pytest.raises(ValueError, match="float32"):
         ext.add_rms_norm(x.astype(mx.float16), y.astype(mx.float16), norm.weight, 1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_linear_is_nn_linear_to_the_bit(bias: bool, tmp_path: Path) -> None:
+    """NativeLinear / NativeEmbedding.as_linear: one node, the same sgemm call as MLX's
+    Linear for a decode step's rows; more rows take MLX's path."""
+    layer = nn.Linear(96, 200, bias=bias)
+    mx.eval(layer.parameters())
+    plain = nn.Linear(96, 200, bias=bias)
+    plain.update(layer.parameters())
+    layer.__class__ = NativeLinear
+    embed = NativeEmbedding(200, 96)
+    embed.weight = layer.weight
+    for rows in (1, 3, 16, 40):
+        x = mx.random.normal((rows, 1, 96), key=mx.random.key(rows))
+        assert np.array_equal(np.array(layer(x)), np.array(plain(x)))
+        assert np.array_equal(np.array(embed.as_linear(x)), np.array(x @ plain.weight.T))
+    ext = quant.native_ops()
+    if ext.has_sgemm():  # a BLAS is loaded (ffai_worker.native.blas): one FfaiLinear node
+        dot = tmp_path / "graph.dot"
+        mx.export_to_dot(str(dot), layer(mx.zeros((2, 1, 96))))
+        assert "FfaiLinear" in dot.read_text() and "Transpose" not in dot.read_text()
+    with pytest.raises(ValueError, match="float32"):
+        ext.linear(mx.zeros((2, 95)), layer.weight)
+    with pytest.raises(ValueError, match="bias must be"):
+        ext.linear(mx.zeros((2, 96)), layer.weight, mx.zeros((3,)))
 
 
 @needs_native

@@ -127,6 +127,51 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     return silu(gate) * up
 
 
+class NativeLinear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint keys). A decode step's few float32 rows
+    go through the process's BLAS (the small-M kernel) as one native node: MLX's Linear is
+    a weight transpose, a flatten, the matmul and an unflatten (and a broadcast with a
+    bias), each a node whose dispatch a CPU step pays. Same sgemm call, same result."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        ext = _native_linear(x, self["weight"])
+        if ext is None:
+            return super().__call__(x)
+        return ext.linear(x, self["weight"], self["bias"] if "bias" in self else None)  # type: ignore[no-any-return]
+
+
+class NativeEmbedding(nn.Embedding):
+    """nn.Embedding whose tied output projection (`as_linear`) is NativeLinear's node."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        ext = _native_linear(x, self["weight"])
+        return super().as_linear(x) if ext is None else ext.linear(x, self["weight"])  # type: ignore[no-any-return]
+
+
+def _native_linear(x: mx.array, w: mx.array) -> Any:
+    """The extension when it should run this product (float32, decode-sized), else None."""
+    rows = x.size // max(1, x.shape[-1])
+    if rows > DECODE_ROWS or x.dtype != mx.float32 or w.dtype != mx.float32:
+        return None
+    ext = native_ops()
+    return ext if ext is not None and ext.has_sgemm() else None
+
+
+def use_native_linear(model: nn.Module) -> int:
+    """Switch the float Linear and Embedding layers to NativeLinear/NativeEmbedding (the
+    native node is taken per call, where it applies); returns how many."""
+    switched = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.Linear:
+            module.__class__ = NativeLinear
+        elif type(module) is nn.Embedding:
+            module.__class__ = NativeEmbedding
+        else:
+            continue
+        switched += 1
+    return switched
+
+
 def gated(x: mx.array, gate_proj: Any, up_proj: Any) -> mx.array:
     """silu(gate_proj(x)) * up_proj(x). For a decode step's few rows with gate/up fused on
     the native kernel, the gate reads the fused product's columns directly: one graph node

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 
 from ffai_worker.models import SUPPORTED_MODEL_TYPES, get_architecture
 from ffai_worker.models.contract import Architecture, CausalLM
+from ffai_worker.models.cpu_ops import use_native_linear
 from ffai_worker.models.quantized import (
     GROUP_SIZE,
     QUANTIZED_DTYPES,
@@ -374,6 +375,8 @@ def load_model(
     if quant is not None and not dequantized and not on_gpu():
         switched = use_kernel(model) if quant_kernel.available() else 0
         notes.append(_kernel_note(switched, fuse_siblings(model) if switched else 0))
+    if not on_gpu() and quant_kernel.available():
+        use_native_linear(model)  # float layers left: one node per decode-step product
     model.eval()
     mx.eval(model.parameters())
 

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <dlfcn.h>
 #include <optional>
 #include <cstring>
 #include <stdexcept>
@@ -240,6 +241,54 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     }
   });
 }
+
+// The process's cblas_sgemm, as MLX's own matmul reaches it: the BLAS shim with the
+// small-M kernel where ffai_worker.native.blas loaded it globally; null without one.
+using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                         int, float, float*, int);
+SgemmFn process_sgemm() {
+  static const SgemmFn fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "cblas_sgemm"));
+  return fn;
+}
+
+// x (..., K) @ w(N, K)^T (+ bias (N,)), float32, through the process's cblas_sgemm: a
+// float Linear as one graph node (MLX's nn.Linear is a weight transpose, a flatten, the
+// matmul and an unflatten, plus a broadcast with a bias).
+class Linear : public CpuInferencePrimitive {
+ public:
+  using CpuInferencePrimitive::CpuInferencePrimitive;
+  const char* name() const override { return "FfaiLinear"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const Linear*>(&other) != nullptr;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = start(inputs, out);
+    const bool has_bias = inputs.size() > 2;
+    auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
+    encoder.dispatch([x = weak(inputs[0]), w = weak(inputs[1]),
+                      bias = weak(inputs[has_bias ? 2 : 1]), o = weak(out), has_bias]() mutable {
+      const int K = x.shape(-1), N = w.shape(0);
+      const int M = K > 0 ? static_cast<int>(x.size() / K) : 0;
+      if (M == 0 || N == 0) return;
+      std::vector<char> cx, cw, cb;
+      auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
+      auto* wp = static_cast<const float*>(row_major_ptr(w, cw));
+      float* op = o.data<float>();
+      process_sgemm()(101, 111, 112, M, N, K, 1.0f, xp, K, wp, K, 0.0f, op, N);  // row-major, A B^T
+      if (has_bias) {  // as the small-M kernel's beta = 1 rounds it: the product, then + bias
+        auto* bp = static_cast<const float*>(row_major_ptr(bias, cb));
+        for (int m = 0; m < M; ++m) {
+          for (int n = 0; n < N; ++n) op[static_cast<size_t>(m) * N + n] += bp[n];
+        }
+      }
+    });
+  }
+};
 
 // silu(g) * u elementwise (act_kernels.h); inputs of one shape, float32.
 class SiluMul : public CpuInferencePrimitive {
@@ -644,6 +693,27 @@ mx::array silu_mul_columns(const mx::array& x, int gate, int up, int width,
   return mx::array(std::move(shape), mx::float32, prim, {x});
 }
 
+mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
+                 mx::StreamOrDevice s) {
+  if (process_sgemm() == nullptr) throw std::runtime_error("linear: no cblas_sgemm is loaded");
+  if (x.dtype() != mx::float32 || w.dtype() != mx::float32 || x.ndim() < 1 || w.ndim() != 2 ||
+      w.shape(1) != x.shape(-1)) {
+    throw std::invalid_argument("linear: x (..., K) and w (N, K) must be float32, got " +
+                                shape_str(x) + " and " + shape_str(w));
+  }
+  std::vector<mx::array> inputs{x, w};
+  if (bias) {
+    if (bias->dtype() != mx::float32 || bias->ndim() != 1 || bias->shape(0) != w.shape(0)) {
+      throw std::invalid_argument("linear: bias must be float32 (N,), got " + shape_str(*bias));
+    }
+    inputs.push_back(*bias);
+  }
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(std::move(shape), mx::float32, std::make_shared<Linear>(cpu_stream(s, "linear")),
+                   std::move(inputs));
+}
+
 mx::array softmax(const mx::array& x, bool causal, mx::StreamOrDevice s) {
   if (x.dtype() != mx::float32) throw std::invalid_argument("softmax: x must be float32");
   if (x.ndim() < (causal ? 2 : 1)) {
@@ -776,6 +846,11 @@ NB_MODULE(_quant, m) {
         nb::arg("width"), nb::arg("stream") = nb::none(),
         "silu(x[..., gate:gate+width]) * x[..., up:up+width], float32 (CPU): a fused gate/up "
         "projection's SwiGLU without slices.");
+  m.def("linear", &linear, nb::arg("x"), nb::arg("w"), nb::arg("bias") = nb::none(),
+        nb::arg("stream") = nb::none(),
+        "x @ w.T (+ bias), float32 (CPU), through the process's cblas_sgemm, as one node.");
+  m.def("has_sgemm", []() { return process_sgemm() != nullptr; },
+        "Whether a cblas_sgemm is loaded in the process (for `linear`).");
   m.def("softmax", &softmax, nb::arg("x"), nb::arg("causal") = false,
         nb::arg("stream") = nb::none(),
         "Softmax over the last axis, float32 (CPU). causal: x is (..., L, T) scores and query "
