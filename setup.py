@@ -3,9 +3,10 @@
 1. `ffai_worker/native/_kernels*.so`: the BLAS shim and small-M kernels, a plain shared
    library with no Python entry point, loaded by `ffai_worker/native/blas.py` with ctypes
    (see `ffai_worker/native/kernels/small_gemm.c` for why).
-2. `ffai_worker/native/_quant*.so`: an MLX custom primitive (`kernels/quant_ops.cpp`) that
-   runs the weight-only 4-/8-bit matmul kernel (`kernels/quant_gemm.c`) inside MLX graphs,
-   `mx.compile` included. Python face: `ffai_worker/native/quant.py`.
+2. `ffai_worker/native/_quant*.so`: MLX custom primitives (`kernels/quant_ops.cpp`,
+   `kernels/decode_ops.cpp`) that run the weight-only 4-/8-bit matmul kernel
+   (`kernels/quant_gemm.c`) and the decode-step kernels inside MLX graphs, `mx.compile`
+   included. Python face: `ffai_worker/native/quant.py`.
 
 How `_quant` is built: setuptools compiles nanobind's single-file library
 (`nanobind/src/nb_combined.cpp`, the route nanobind documents for build systems other than
@@ -75,8 +76,9 @@ kernels = Extension(
 
 quant = Extension(
     "ffai_worker.native._quant",
-    sources=[f"{KERNELS}/quant_ops.cpp"],
+    sources=[f"{KERNELS}/quant_ops.cpp", f"{KERNELS}/decode_ops.cpp"],
     depends=[
+        f"{KERNELS}/ops_common.h",
         f"{KERNELS}/quant_gemm.h",
         f"{KERNELS}/quant_gemm.c",
         f"{KERNELS}/quant_gemm_x86.h",
