@@ -45,7 +45,9 @@ _EXP_POLY = (
 _ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND - _ROUND rounds x to an integer
 # fast_exp is three kernels where MLX's is one: it pays from about this many elements.
 FAST_EXP_MIN = 8192
-DECODE_ROWS = 16  # up to this many rows, `gated` reads a fused gate/up product's columns
+# Up to this many rows (a decode step) `gated` reads a fused gate/up product's columns
+# and NativeLinear calls the BLAS itself (its small-M kernel: the same result as MLX's op).
+DECODE_ROWS = 16
 
 _state = threading.local()  # .memo: the active step's shared values (RoPE tables), else None
 
@@ -179,9 +181,8 @@ def gated(x: mx.array, gate_proj: Any, up_proj: Any) -> mx.array:
     ext = native_ops()
     rows = x.size // max(1, x.shape[-1])
     if ext is not None and rows <= DECODE_ROWS and fused_group((gate_proj, up_proj)):
-        (y, gate, width), (_, up, up_width) = project_columns(x, gate_proj, up_proj)
-        if width == up_width and y.dtype == mx.float32:
-            return ext.silu_mul_columns(y, gate, up, width)  # type: ignore[no-any-return]
+        (y, gate, width), (_, up, _) = project_columns(x, gate_proj, up_proj)  # float32
+        return ext.silu_mul_columns(y, gate, up, width)  # type: ignore[no-any-return]
     return silu_mul(*project(x, gate_proj, up_proj))
 
 
