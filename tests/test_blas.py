@@ -135,22 +135,25 @@ from ffai_worker.native.blas import small_gemm_kernel
 import mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
 worst = blas_gap = 0.0
-for m, n, k in [(1, 4864, 896), (3, 896, 4864), (8, 1000, 67), (5, 300, 40), (2, 17, 5)]:
+shapes = [(1, 4864, 896), (3, 896, 4864), (8, 1000, 67), (5, 300, 40), (2, 17, 5), (13, 301, 67)]
+for m, n, k in [*shapes, (16, 64, 129)]:
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (n, k), (n,)))
     got = np.array(mx.addmm(mx.array(b), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0))
     want = 0.5 * (x.astype(np.float64) @ w.T.astype(np.float64)) + 2.0 * b
     worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
     plain, exact = np.array(mx.array(x) @ mx.array(w).T), x.astype(np.float64) @ w.T
     worst = max(worst, float(np.abs(plain - exact).max() / np.abs(exact).max()))
-    # The same rows padded past the kernel's 8 rows run on OpenBLAS: within float tolerance.
-    padded = np.concatenate([x, np.zeros((9, k), np.float32)])
+    # The same rows padded past the kernel's 16 rows run on OpenBLAS: within float tolerance.
+    padded = np.concatenate([x, np.zeros((17, k), np.float32)])
     ob = np.array(mx.array(padded) @ mx.array(w).T)[:m]
     blas_gap = max(blas_gap, float(np.abs(plain - ob).max() / np.abs(exact).max()))
-# One row alone or among seven others, at every position: bit-identical.
-x, w = (rng.standard_normal(s).astype(np.float32) for s in ((8, 899), (4864, 899)))
+# One row alone or among 12 or 15 others (tiles of 8, 4 and 1 rows), at every position:
+# bit-identical.
+x, w = (rng.standard_normal(s).astype(np.float32) for s in ((16, 899), (4864, 899)))
 W = mx.array(w)
-batched = np.array(mx.array(x) @ W.T)
-invariant = all((np.array(mx.array(x[i:i+1]) @ W.T) == batched[i:i+1]).all() for i in range(8))
+batched = [np.array(mx.array(x[:rows]) @ W.T) for rows in (16, 13)]
+alone = [np.array(mx.array(x[i:i+1]) @ W.T) for i in range(16)]
+invariant = all((alone[i] == b[i:i+1]).all() for b in batched for i in range(len(b)))
 kernel = small_gemm_kernel()
 print(kernel.isa, worst, blas_gap, invariant, *kernel.calls())
 """
@@ -171,7 +174,7 @@ def test_each_instruction_set_is_exact_and_batch_invariant(isa: str) -> None:
     need_shim()
     if isa not in supported_isas():
         pytest.skip(f"this CPU has no {isa}")
-    extra = {"FFAI_SMALL_GEMM": "8", "FFAI_SMALL_GEMM_ISA": isa}
+    extra = {"FFAI_SMALL_GEMM": "16", "FFAI_SMALL_GEMM_ISA": isa}
     extra["FFAI_SMALL_GEMM_MIN_ELEMENTS"] = "0"  # small shapes too: every tile and tail
     done = subprocess.run(
         [sys.executable, "-c", KERNEL_CHECK], env=env(**extra), capture_output=True, text=True
@@ -180,7 +183,7 @@ def test_each_instruction_set_is_exact_and_batch_invariant(isa: str) -> None:
     ran, worst, gap, invariant, taken, passed = done.stdout.split()
     assert ran == isa
     assert float(worst) < 1e-5 and float(gap) < 1e-5 and invariant == "True"
-    assert int(taken) >= 18 and int(passed) >= 5  # M <= 8 taken; the padded ones passed
+    assert int(taken) >= 32 and int(passed) >= 7  # M <= 16 taken; the padded ones passed
 
 
 FORK_CHECK = """

@@ -7,7 +7,11 @@
  *
  * Against the row-major tiles (quant_gemm_x86.h) this does one float step per 32
  * weights instead of per 2, and a block of 16 rows is one contiguous stream, which the
- * hardware prefetcher follows where four interleaved short rows defeated it.
+ * hardware prefetcher follows where four interleaved short rows defeated it. The first
+ * pass over a tile (m == 0) also prefetches the next tile's blocks into L2, one line per
+ * line read: streams that restart every tile otherwise wait on memory at each start
+ * (benchmarks/NOTES.md, "Prefetching the tile after next"). Prefetches never fault, so
+ * the last tile's run past the end of the weights is harmless.
  *
  * A tile is R blocks of 16 rows x C activation rows; each (row, activation row) pair
  * goes through the same operations in every tile shape, so results are batch-invariant.
@@ -47,6 +51,7 @@ T512 static inline __m512i broadcast4(const int8_t *x) {
         (void)nibble;                                                                         \
         const uint8_t *wb[R];                                                                 \
         for (int r = 0; r < R; r++) wb[r] = j->w + (size_t)(blk0 + r) * words * BLOCK_WORD_BYTES; \
+        const size_t ahead = (size_t)R * words * BLOCK_WORD_BYTES; /* the next tile's blocks */ \
         __m512 acc[R][C];                                                                     \
         for (int r = 0; r < R; r++)                                                           \
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();                      \
@@ -60,8 +65,11 @@ T512 static inline __m512i broadcast4(const int8_t *x) {
                     for (int c = 0; c < C; c++) isum[r][c] = _mm512_setzero_si512();          \
                 for (int i = blk * QK / per_word; i < (blk + 1) * QK / per_word; i++) {       \
                     __m512i wv[R];                                                            \
-                    for (int r = 0; r < R; r++)                                               \
-                        wv[r] = _mm512_loadu_si512((const void *)(wb[r] + (size_t)i * BLOCK_WORD_BYTES)); \
+                    for (int r = 0; r < R; r++) {                                             \
+                        const uint8_t *at = wb[r] + (size_t)i * BLOCK_WORD_BYTES;             \
+                        if (m == 0) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T1);   \
+                        wv[r] = _mm512_loadu_si512((const void *)at);                         \
+                    }                                                                         \
                     for (int c = 0; c < C; c++) {                                             \
                         const int8_t *xp = j->x8 + (size_t)(m + c) * j->K + (size_t)i * per_word; \
                         for (int r = 0; r < R; r++) DOT512_q##BITS(isum[r][c], wv[r], xp);   \
@@ -172,6 +180,7 @@ T256 static inline __m256i broadcast4_256(const int8_t *x) {
         const int per_word = 32 / BITS, words = j->K / per_word;                              \
         const int groups = j->groups, per_group = j->G / QK;                                  \
         const uint8_t *wb = j->w + (size_t)blk0 * words * BLOCK_WORD_BYTES;                   \
+        const size_t ahead = (size_t)words * BLOCK_WORD_BYTES; /* the next block */           \
         __m256 acc[2][C];                                                                     \
         for (int h = 0; h < 2; h++)                                                           \
             for (int c = 0; c < C; c++) acc[h][c] = _mm256_setzero_ps();                      \
@@ -185,8 +194,9 @@ T256 static inline __m256i broadcast4_256(const int8_t *x) {
                     for (int c = 0; c < C; c++) isum[h][c] = OFFSET256_q##BITS(j, m + c, blk); \
                 for (int i = blk * QK / per_word; i < (blk + 1) * QK / per_word; i++)         \
                     for (int h = 0; h < 2; h++) {                                             \
-                        __m256i wv = _mm256_loadu_si256(                                      \
-                            (const __m256i *)(wb + (size_t)i * BLOCK_WORD_BYTES + 32 * h));   \
+                        const uint8_t *at = wb + (size_t)i * BLOCK_WORD_BYTES + 32 * h;       \
+                        if (m == 0 && h == 0) _mm_prefetch((const char *)(at + ahead), _MM_HINT_T1); \
+                        __m256i wv = _mm256_loadu_si256((const __m256i *)at);                 \
                         for (int c = 0; c < C; c++)                                           \
                             DOT256_q##BITS(isum[h][c], wv,                                    \
                                            j->x8 + (size_t)(m + c) * j->K + (size_t)i * per_word); \

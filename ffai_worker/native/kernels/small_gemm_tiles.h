@@ -36,8 +36,13 @@ TARGET static inline float FN(hsum)(FN(vec) s) {
     return c[0] + c[1];
 }
 
+/* NB weight rows x MB activation rows. With `ahead`, each k step also prefetches (to L2)
+ * the same column of the rows 2 * NB further on: the weights of the tile after next, so a
+ * tile's rows arrive while the one before is computed. The hardware prefetcher alone
+ * leaves streams that restart every tile waiting on memory at each start (benchmarks/
+ * NOTES.md, "Prefetching the tile after next"). A prefetch past the end never faults. */
 #define TILE(NB, MB)                                                                   \
-    TARGET static void FN(tile_##NB##_##MB)(const struct job *j, int n, int m) {       \
+    TARGET static void FN(tile_##NB##_##MB)(const struct job *j, int n, int m, int ahead) { \
         const float *A = j->A + (size_t)m * j->lda, *W = j->B + (size_t)n * j->ldb;    \
         FN(vec) s[NB][MB];                                                             \
         for (int r = 0; r < NB; r++)                                                   \
@@ -47,7 +52,9 @@ TARGET static inline float FN(hsum)(FN(vec) s) {
             FN(vec) a[MB];                                                             \
             for (int c = 0; c < MB; c++) a[c] = *(const FN(vec) *)(A + (size_t)c * j->lda + k); \
             for (int r = 0; r < NB; r++) {                                             \
-                FN(vec) w = *(const FN(vec) *)(W + (size_t)r * j->ldb + k);            \
+                const float *w_row = W + (size_t)r * j->ldb + k;                       \
+                if (ahead) __builtin_prefetch(w_row + (size_t)(2 * NB) * j->ldb, 0, 2); \
+                FN(vec) w = *(const FN(vec) *)w_row;                                   \
                 for (int c = 0; c < MB; c++) s[r][c] = FMADD(a[c], w, s[r][c]);        \
             }                                                                          \
         }                                                                              \
@@ -60,31 +67,50 @@ TARGET static inline float FN(hsum)(FN(vec) s) {
             }                                                                          \
     }
 
-TILE(4, 4)
-TILE(4, 1)
+/* Weight rows per tile from 4 activation rows: as many as the accumulators
+ * (TILE_ROWS x 8) and loads leave registers for (32 zmm; 16 ymm or xmm otherwise). */
+#if VW == 16
+#define TILE_ROWS 3
+TILE(3, 8)
+TILE(3, 4)
+TILE(3, 1)
+#else
+#define TILE_ROWS 2
+TILE(2, 8)
+TILE(2, 4)
+TILE(2, 1)
+#endif
 TILE(1, 4)
 TILE(1, 1)
 
-/* Weight rows [n0, n1) against all M activation rows. From 4 activation rows, tiles of 4
- * weight rows reuse every load 4 times. Below, a weight row serves 1-3 outputs and the
- * product is a pure read of the weights: rows one after another are one sequential stream,
- * which reads faster than 4 interleaved ones; from 4 rows on, one-row tiles were much
- * slower (benchmarks/NOTES.md, "One stream per thread"). */
+#define WIDE_TILE_(rows, cols) FN(tile_##rows##_##cols)
+#define WIDE_TILE(rows, cols) WIDE_TILE_(rows, cols)
+
+/* Weight rows [n0, n1) against all M activation rows. From 4 activation rows, tiles of
+ * TILE_ROWS weight rows reuse every weight load for up to 8 rows; the first pass over a
+ * tile's rows (m = 0) streams them from memory and prefetches ahead, later passes find
+ * them in cache. Below 4 rows, a weight row serves 1-3 outputs and the product is a pure
+ * read of the weights: rows one after another are one sequential stream (benchmarks/
+ * NOTES.md, "One stream per thread"), prefetched two rows ahead as well. */
 TARGET static void FN(run_rows)(const struct job *j, int n0, int n1) {
     int n = n0;
-    for (; j->M >= 4 && n + 4 <= n1; n += 4) {
+    for (; j->M >= 4 && n + TILE_ROWS <= n1; n += TILE_ROWS) {
         int m = 0;
-        for (; m + 4 <= j->M; m += 4) FN(tile_4_4)(j, n, m);
-        for (; m < j->M; m++) FN(tile_4_1)(j, n, m);
+        for (; m + 8 <= j->M; m += 8) WIDE_TILE(TILE_ROWS, 8)(j, n, m, m == 0);
+        for (; m + 4 <= j->M; m += 4) WIDE_TILE(TILE_ROWS, 4)(j, n, m, m == 0);
+        for (; m < j->M; m++) WIDE_TILE(TILE_ROWS, 1)(j, n, m, m == 0);
     }
     for (; n < n1; n++) {
         int m = 0;
-        for (; m + 4 <= j->M; m += 4) FN(tile_1_4)(j, n, m);
-        for (; m < j->M; m++) FN(tile_1_1)(j, n, m);
+        for (; m + 4 <= j->M; m += 4) FN(tile_1_4)(j, n, m, m == 0);
+        for (; m < j->M; m++) FN(tile_1_1)(j, n, m, m == 0);
     }
 }
 
 #undef TILE
+#undef TILE_ROWS
+#undef WIDE_TILE
+#undef WIDE_TILE_
 #undef FN
 #undef CAT2
 #undef CAT2_
