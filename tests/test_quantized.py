@@ -24,6 +24,7 @@ from ffai_client.types import GenerationParameters
 from ffai_worker.engine import Engine
 from ffai_worker.engine.decoder import BatchedDecoder
 from ffai_worker.engine.kv_cache import SlotCache
+from ffai_worker.models import loading
 from ffai_worker.models.loading import ModelLoadError, load_model
 from ffai_worker.models.quantized import (
     FusedMember,
@@ -176,12 +177,15 @@ def test_dequantize_still_available(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("build", [build_qwen2, build_gemma2], ids=["qwen2", "gemma2"])
-def test_fused_siblings_give_the_same_logits_to_the_bit(tmp_path: Path, build: Any) -> None:
+def test_fused_siblings_give_the_same_logits_to_the_bit(
+    tmp_path: Path, build: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """q/k/v (with Qwen2's biases) and gate/up as one product each: same operations per
     output as unfused, so the same logits; a member alone still gives its own slice."""
     path = build(tmp_path / "src", hidden_size=128, intermediate_size=200)
     fused, info = load_model(path, dtype="q8")
     assert any("sibling groups fused" in note for note in info.notes), info.notes
+    monkeypatch.setattr(loading, "fuse_float_siblings", lambda model: 0)  # float Linears
     plain, _ = load_model(path)
     quantize_model(plain, 8)
     use_kernel(plain)
@@ -200,6 +204,33 @@ def test_fused_siblings_give_the_same_logits_to_the_bit(tmp_path: Path, build: A
     k, q = project(x, attn.k_proj, attn.q_proj)
     assert np.array_equal(np.array(q), np.array(plain_attn.q_proj(x)))
     assert np.array_equal(np.array(k), np.array(plain_attn.k_proj(x)))
+
+
+@pytest.mark.parametrize("build", [build_qwen2, build_gemma2], ids=["qwen2", "gemma2"])
+def test_fused_float_siblings_give_the_same_logits_to_the_bit(
+    tmp_path: Path, build: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 q/k/v (Qwen2's with biases) and gate/up as one native product each on a
+    Linux CPU: the same dot products by the same kernel tiles, so the same decode logits;
+    a prefill (more rows than the native node takes) runs MLX's matmul over the joined
+    weight, within float tolerance of the unfused one."""
+    if quant.native_ops() is None:
+        pytest.skip("the native extension is not built here")
+    # Every unfused product at least the shim's smallest (2^18 weights), so both models run
+    # the kernel: 512 x 512 for q/k/v (4 key heads), 1024 x 512 for gate/up.
+    sizes = {"hidden_size": 512, "intermediate_size": 1024, "num_key_value_heads": 4}
+    path = build(tmp_path / "src", **sizes)
+    fused, _ = load_model(path, dtype="float32")
+    assert isinstance(fused.layers[0].self_attn.q_proj, FusedMember)
+    assert isinstance(fused.layers[0].mlp.gate_proj, FusedMember)
+    monkeypatch.setattr(loading, "fuse_float_siblings", lambda model: 0)
+    plain, _ = load_model(path, dtype="float32")
+    assert not isinstance(plain.layers[0].self_attn.q_proj, FusedMember)
+    short = mx.array([IDS])  # 12 rows: the native node
+    assert np.array_equal(np.array(fused(short)), np.array(plain(short)))
+    assert np.array_equal(_decode_logits(fused), _decode_logits(plain))
+    long = mx.array([IDS * 4])  # 48 rows: MLX's product
+    np.testing.assert_allclose(np.array(fused(long)), np.array(plain(long)), rtol=1e-5, atol=1e-5)
 
 
 def _decode_logits(model: Any, steps: int = 3) -> np.ndarray:

@@ -20,16 +20,17 @@ one ulp). Outside it, and on a GPU, they are MLX's own ops.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ffai_worker.models.quantized import fused_group, project, project_columns
+from ffai_worker.models.quantized import fuse_groups, fused_group, project, project_columns
 from ffai_worker.native.quant import native_ops
 
 # MLX's exp (backend/cpu/simd/math.h, from Cephes): 2**x = 2**round(x) * P(fraction).
@@ -148,6 +149,53 @@ class NativeEmbedding(nn.Embedding):
     def as_linear(self, x: mx.array) -> mx.array:
         ext = _native_linear(x, self["weight"])
         return super().as_linear(x) if ext is None else ext.linear(x, self["weight"])  # type: ignore[no-any-return]
+
+
+class NativeFusedLinear(nn.Module):
+    """Float sibling projections of one input (q/k/v, gate/up), their weights concatenated:
+    one product, a column range per member (quantized.KernelFusedLinear's float twin). A
+    decode step runs one native node instead of three or two; every output is the same
+    dot product by the same kernel tile as unfused, so the same bits (a member without a
+    bias gets zeros: `+ 0.0`, which changes no value)."""
+
+    def __init__(self, members: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        widths = [int(m["weight"].shape[0]) for m in members]
+        starts = itertools.accumulate(widths[:-1], initial=0)
+        object.__setattr__(self, "slices", tuple(zip(starts, widths, strict=True)))
+        self["weight"] = mx.concatenate([m["weight"] for m in members])
+        if any("bias" in m for m in members):
+            zero = [mx.zeros((w,), mx.float32) for w in widths]
+            self["bias"] = mx.concatenate(
+                [m["bias"] if "bias" in m else z for m, z in zip(members, zero, strict=True)]
+            )
+
+    def product(self, x: mx.array) -> mx.array:
+        """The members' outputs side by side, at their `slices`."""
+        w, bias = self["weight"], self["bias"] if "bias" in self else None
+        ext = _native_linear(x, w)
+        if ext is not None:
+            return ext.linear(x, w, bias)  # type: ignore[no-any-return]
+        return x @ w.T if bias is None else mx.addmm(bias, x, w.T)  # nn.Linear's ops
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        y = self.product(x)
+        return [y[..., start : start + width] for start, width in self.slices]
+
+
+def fuse_float_siblings(model: nn.Module) -> int:
+    """Fuse each parent's float32 NativeLinear q/k/v and gate/up (one input width, all
+    float32) into a NativeFusedLinear; returns how many groups."""
+    return fuse_groups(model, NativeFusedLinear, _float_fusable)
+
+
+def _float_fusable(members: list[Any]) -> bool:
+    if not all(type(m) is NativeLinear for m in members):
+        return False
+    width = members[0]["weight"].shape[1]
+    arrays = [m[key] for m in members for key in ("weight", "bias") if key in m]
+    same_width = all(m["weight"].shape[1] == width for m in members)
+    return same_width and all(a.dtype == mx.float32 for a in arrays)
 
 
 def _native_linear(x: mx.array, w: mx.array) -> Any:

@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from ffai_worker.models import SUPPORTED_MODEL_TYPES, get_architecture
 from ffai_worker.models.contract import Architecture, CausalLM
-from ffai_worker.models.cpu_ops import use_native_linear
+from ffai_worker.models.cpu_ops import fuse_float_siblings, use_native_linear
 from ffai_worker.models.quantized import (
     GROUP_SIZE,
     QUANTIZED_DTYPES,
@@ -377,6 +377,7 @@ def load_model(
         notes.append(_kernel_note(switched, fuse_siblings(model) if switched else 0))
     if not on_gpu() and quant_kernel.available():
         use_native_linear(model)  # float layers left: one node per decode-step product
+        fuse_float_siblings(model)  # and one product per q/k/v or gate/up group
     model.eval()
     mx.eval(model.parameters())
 

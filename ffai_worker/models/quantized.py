@@ -25,8 +25,8 @@ unfused (a lane per row), so the logits are the same to the bit.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -189,10 +189,21 @@ class KernelFusedLinear(_Packed, nn.Module):
         return [y[..., start : start + width] for start, width in self.slices]
 
 
+class FusedGroup(Protocol):
+    """Sibling projections as one product: KernelFusedLinear, or cpu_ops.NativeFusedLinear
+    for float layers. `slices` holds each member's (first column, width) in `product`."""
+
+    slices: tuple[tuple[int, int], ...]
+
+    def product(self, x: mx.array) -> mx.array: ...
+
+    def __call__(self, x: mx.array) -> list[mx.array]: ...
+
+
 class FusedMember(nn.Module):
     """A fused projection's place in its parent: its slice of the group's product."""
 
-    def __init__(self, group: KernelFusedLinear, index: int) -> None:
+    def __init__(self, group: FusedGroup, index: int) -> None:
         super().__init__()
         object.__setattr__(self, "group", weakref.ref(group))  # the parent holds the group
         self.index = index
@@ -201,12 +212,12 @@ class FusedMember(nn.Module):
         return self.group()(x)[self.index]  # type: ignore[no-any-return]
 
 
-def fused_group(layers: tuple[Any, ...]) -> KernelFusedLinear | None:
+def fused_group(layers: tuple[Any, ...]) -> FusedGroup | None:
     """The group `fuse_siblings` made of exactly these layers, in order, else None."""
     first = layers[0]
     if not isinstance(first, FusedMember):
         return None
-    group: KernelFusedLinear = first.group()
+    group: FusedGroup = first.group()
     same = all(
         isinstance(m, FusedMember) and m.group() is group and m.index == i
         for i, m in enumerate(layers)
@@ -249,13 +260,23 @@ def fuse_siblings(model: nn.Module) -> int:
     """Fuse each parent's q/k/v and gate/up kernel projections (see the module docstring);
     returns how many groups. Members must agree on bits, group size, input width and
     scale dtype, else they stay as they are."""
+    return fuse_groups(model, KernelFusedLinear, _fusable)
+
+
+def fuse_groups(
+    model: nn.Module,
+    make: Callable[[list[Any]], FusedGroup],
+    fusable: Callable[[list[Any]], bool],
+) -> int:
+    """Replace each parent's SIBLINGS that `fusable` accepts by `make(members)`, stored as
+    `fused_<names>` on the parent, and each member by its FusedMember; returns how many."""
     fused = 0
     for _, parent in model.named_modules():
         for names in SIBLINGS:
             members = [parent.get(name) for name in names]
-            if not _fusable(members):
+            if not fusable(members):
                 continue
-            group = KernelFusedLinear(members)
+            group = make(members)
             parent["fused_" + "_".join(names)] = group
             for index, name in enumerate(names):
                 parent[name] = FusedMember(group, index)
