@@ -44,7 +44,12 @@ from ffai_worker.engine import Engine
 from ffai_worker.engine.decoder import BatchedDecoder, attention_width
 from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.types import RequestKey
-from ffai_worker.models.cpu_ops import cpu_decode_step, scaled_dot_product_attention, silu_mul
+from ffai_worker.models.cpu_ops import (
+    NativeFusedLinear,
+    cpu_decode_step,
+    scaled_dot_product_attention,
+    silu_mul,
+)
 from ffai_worker.models.quantized import KernelFusedLinear
 from ffai_worker.native.quant import native_ops
 from ffai_worker.native.blas import blas_info
@@ -100,7 +105,7 @@ class EngineSteps:
 
 def linears(model: Any) -> list[nn.Module]:
     """Every weight product: Linear layers and fused sibling groups (quantized.project)."""
-    kinds = (nn.Linear, nn.QuantizedLinear, KernelFusedLinear)
+    kinds = (nn.Linear, nn.QuantizedLinear, KernelFusedLinear, NativeFusedLinear)
     return [m for _, m in model.named_modules() if isinstance(m, kinds)]
 
 
