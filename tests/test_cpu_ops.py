@@ -297,6 +297,29 @@ def test_native_linear_is_nn_linear_to_the_bit(bias: bool, tmp_path: Path) -> No
 
 
 @needs_native
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_linear_from_gate_columns(bias: bool) -> None:
+    """NativeLinear.from_gate: the SwiGLU gate of a fused gate/up product computed inside
+    the product's node, equal to the gate's own node then the layer; more rows than a
+    decode step's take MLX's ops, within float tolerance."""
+    layer = nn.Linear(96, 200, bias=bias)
+    mx.eval(layer.parameters())
+    layer.__class__ = NativeLinear
+    ext = quant.native_ops()
+    for rows in (1, 5, 16, 40):
+        y = mx.random.normal((rows, 1, 250), key=mx.random.key(rows))  # gate at 150, up at 20
+        want = layer(ext.silu_mul(y[..., 150:246], y[..., 20:116]))
+        got = layer.from_gate(y, 150, 20)
+        if rows <= 16 and ext.has_sgemm():
+            assert np.array_equal(np.array(got), np.array(want))
+        else:
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    if ext.has_sgemm():
+        with pytest.raises(ValueError, match="must lie within"):
+            ext.linear(mx.zeros((2, 250)), layer.weight, gate=160, up=20)  # 160 + 96 > 250
+
+
+@needs_native
 def test_native_rms_norm_refuses_bad_input() -> None:
     ext = quant.native_ops()
     with pytest.raises(ValueError, match="float32"):

@@ -162,6 +162,33 @@ def test_bias_is_the_same_add_as_after_the_product(
             quant.quant_matmul(x, w, s, b, **kw, bias=bias[:100])
 
 
+@pytest.mark.parametrize("kernel", ["on", "0"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_gate_columns_are_the_silu_gate_then_the_product(
+    kernel: str, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gate=(g, u)`: the input is silu(x[..., g:g+K]) * x[..., u:u+K] of a fused gate/up
+    product, computed inside the primitive: equal to the native SiLU gate's node, then the
+    product (MLX's own ops with the kernel off: within float tolerance)."""
+    monkeypatch.setenv(quant.ENV_VAR, kernel)
+    wq, scales, biases, _ = weights(200, 128, 8, 64, True)
+    w, s, b = (quant.pack(a) for a in (wq, scales, biases)) if packed else (wq, scales, biases)
+    kw: dict = {"bits": 8, "group_size": 64, "packed_n": 200 if packed else 0}
+    y = activations((3, 1, 320))  # gate at column 160, up at 16 (any order, any place)
+    g, u = y[..., 160:288], y[..., 16:144]
+    ext = quant.native_ops()
+    if kernel == "on" and quant.available() and ext is not None:
+        want = quant.quant_matmul(ext.silu_mul(g, u), w, s, b, **kw)
+        got = quant.quant_matmul(y, w, s, b, **kw, gate=(160, 16))
+        assert got.shape == (3, 1, 200) and np.array_equal(np.array(got), np.array(want))
+        with pytest.raises(ValueError, match="must lie within"):
+            quant.quant_matmul(y, w, s, b, **kw, gate=(200, 16))  # 200 + 128 > 320
+    else:
+        want = quant.quant_matmul(g * mx.sigmoid(g) * u, w, s, b, **kw)
+        got = quant.quant_matmul(y, w, s, b, **kw, gate=(160, 16))
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_packed_layout_without_the_kernel_uses_mlx(
     bits: int, monkeypatch: pytest.MonkeyPatch

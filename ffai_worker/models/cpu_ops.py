@@ -142,6 +142,16 @@ class NativeLinear(nn.Linear):
             return super().__call__(x)
         return ext.linear(x, self["weight"], self["bias"] if "bias" in self else None)  # type: ignore[no-any-return]
 
+    def from_gate(self, y: mx.array, gate: int, up: int) -> mx.array:
+        """This layer over `silu(y[..., gate:gate+K]) * y[..., up:up+K]` (y a fused gate/up
+        product): one native node computing the gate and the product (cpu_ops.gated_down)."""
+        w, bias = self["weight"], self["bias"] if "bias" in self else None
+        ext = _native_linear(y, w)
+        if ext is None:
+            width = int(w.shape[1])
+            return self(silu_mul(y[..., gate : gate + width], y[..., up : up + width]))
+        return ext.linear(y, w, bias, gate=gate, up=up)  # type: ignore[no-any-return]
+
 
 class NativeEmbedding(nn.Embedding):
     """nn.Embedding whose tied output projection (`as_linear`) is NativeLinear's node."""
@@ -232,6 +242,19 @@ def gated(x: mx.array, gate_proj: Any, up_proj: Any) -> mx.array:
         (y, gate, width), (_, up, _) = project_columns(x, gate_proj, up_proj)  # float32
         return ext.silu_mul_columns(y, gate, up, width)  # type: ignore[no-any-return]
     return silu_mul(*project(x, gate_proj, up_proj))
+
+
+def gated_down(x: mx.array, gate_proj: Any, up_proj: Any, down_proj: Any) -> mx.array:
+    """down_proj(silu(gate_proj(x)) * up_proj(x)). For a decode step's few rows with gate/up
+    fused and a down projection that computes the gate itself (`from_gate`: the native
+    quantized and float layers), one node where the gate and the product were two, with
+    the same float operations (the product's node runs the gate's kernel)."""
+    rows = x.size // max(1, x.shape[-1])
+    takes_gate = hasattr(down_proj, "from_gate") and native_ops() is not None
+    if takes_gate and rows <= DECODE_ROWS and fused_group((gate_proj, up_proj)):
+        (y, gate, _), (_, up, _) = project_columns(x, gate_proj, up_proj)
+        return down_proj.from_gate(y, gate, up)  # type: ignore[no-any-return]
+    return down_proj(gated(x, gate_proj, up_proj))  # type: ignore[no-any-return]
 
 
 def _softmax(scores: mx.array) -> mx.array:

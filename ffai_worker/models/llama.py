@@ -32,7 +32,7 @@ from ffai_worker.models.base import (
     resolve_rope,
     window_mask,
 )
-from ffai_worker.models.cpu_ops import RMSNorm, gated, scaled_dot_product_attention
+from ffai_worker.models.cpu_ops import RMSNorm, gated_down, scaled_dot_product_attention
 from ffai_worker.models.quantized import project, project_columns
 
 
@@ -156,7 +156,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(gated(x, self.gate_proj, self.up_proj))
+        return gated_down(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class TransformerBlock(nn.Module):

@@ -50,7 +50,9 @@ class _Packed:
     group_size: int
     __getitem__: Any  # nn.Module's (a dict): the mixin must not define its own
 
-    def _matmul(self, x: mx.array, bias: mx.array | None = None) -> mx.array:
+    def _matmul(
+        self, x: mx.array, bias: mx.array | None = None, gate: tuple[int, int] | None = None
+    ) -> mx.array:
         return quant.quant_matmul(
             x,
             self["weight"],
@@ -60,6 +62,7 @@ class _Packed:
             group_size=self.group_size,
             packed_n=self.packed_n,
             bias=bias,
+            gate=gate,
         )
 
     def _bias(self) -> mx.array | None:
@@ -80,6 +83,11 @@ class KernelQuantizedLinear(_Packed, nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self._matmul(x, self._bias())
+
+    def from_gate(self, y: mx.array, gate: int, up: int) -> mx.array:
+        """This layer over `silu(y[..., gate:gate+K]) * y[..., up:up+K]` (y a fused gate/up
+        product), the gate computed inside the product's node (cpu_ops.gated_down)."""
+        return self._matmul(y, self._bias(), gate=(gate, up))
 
 
 class KernelQuantizedEmbedding(_Packed, nn.QuantizedEmbedding):

@@ -134,15 +134,22 @@ def quant_matmul(
     group_size: int,
     packed_n: int = 0,
     bias: mx.array | None = None,
+    gate: tuple[int, int] | None = None,
 ) -> mx.array:
     """`x[..., K] @ dequantize(w, scales, biases)^T (+ bias)` -> float32 `[..., N]`.
 
     MLX's affine format as `mx.quantize` writes it: `w` uint32 `(N, K*bits/32)`,
     `scales`/`biases` float32 or float16 `(N, K/group_size)`; `x` float32. With
     `packed_n = N > 0`, all three are in `pack`'s layout instead. `bias` (float32, `(N,)`)
-    is added inside the primitive: the same float add, one graph node fewer.
+    is added inside the primitive: the same float add, one graph node fewer. With
+    `gate = (g, u)`, `x` is a fused gate/up product and the input its SwiGLU gate,
+    `silu(x[..., g:g+K]) * x[..., u:u+K]`, computed inside the primitive (one node fewer).
     """
     if _ext is None or not available():
+        if gate is not None:
+            width = w.shape[1] * 32 // bits  # K, in either layout
+            g, u = (x[..., c : c + width] for c in gate)
+            x = g * mx.sigmoid(g) * u
         if packed_n:
             w, scales, biases = (unpack(a, packed_n) for a in (w, scales, biases))
         y = _fallback_matmul(x, w, scales, biases, bits, group_size)
@@ -150,6 +157,7 @@ def quant_matmul(
     # CPU-only primitive: keep the caller's stream (e.g. `with mx.stream(...)`) when the
     # default device is the CPU, and name the CPU only where the default is a GPU.
     stream = None if mx.default_device() == mx.cpu else mx.cpu
+    g, u = gate if gate is not None else (-1, -1)
     return _ext.quant_matmul(
-        x, w, scales, biases, bits, group_size, packed_n, bias=bias, stream=stream
+        x, w, scales, biases, bits, group_size, packed_n, bias=bias, gate=g, up=u, stream=stream
     )

@@ -34,12 +34,14 @@ SgemmFn process_sgemm() {
 // x (..., K) @ w(N, K)^T (+ bias (N,)), float32, through the process's cblas_sgemm: a
 // float Linear as one graph node (MLX's nn.Linear is a weight transpose, a flatten, the
 // matmul and an unflatten, plus a broadcast with a bias).
+// With gate columns, x is a fused gate/up product and the input its SwiGLU gate (GateColumns).
 class Linear : public CpuInferencePrimitive {
  public:
-  using CpuInferencePrimitive::CpuInferencePrimitive;
+  Linear(mx::Stream stream, GateColumns gate) : CpuInferencePrimitive(stream), gate_(gate) {}
   const char* name() const override { return "FfaiLinear"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return dynamic_cast<const Linear*>(&other) != nullptr;
+    auto* o = dynamic_cast<const Linear*>(&other);
+    return o != nullptr && o->gate_ == gate_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
@@ -51,12 +53,14 @@ class Linear : public CpuInferencePrimitive {
     const bool has_bias = inputs.size() > 2;
     auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
     encoder.dispatch([x = weak(inputs[0]), w = weak(inputs[1]),
-                      bias = weak(inputs[has_bias ? 2 : 1]), o = weak(out), has_bias]() mutable {
-      const int K = x.shape(-1), N = w.shape(0);
-      const int M = K > 0 ? static_cast<int>(x.size() / K) : 0;
+                      bias = weak(inputs[has_bias ? 2 : 1]), o = weak(out), has_bias,
+                      gate = gate_]() mutable {
+      const int K = w.shape(1), N = w.shape(0), cols = x.shape(-1);
+      const int M = cols > 0 ? static_cast<int>(x.size() / cols) : 0;
       if (M == 0 || N == 0) return;
       std::vector<char> cx, cw, cb;
-      auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
+      std::vector<float> gated;
+      auto* xp = gated_rows(static_cast<const float*>(row_major_ptr(x, cx)), M, cols, gate, K, gated);
       auto* wp = static_cast<const float*>(row_major_ptr(w, cw));
       float* op = o.data<float>();
       process_sgemm()(101, 111, 112, M, N, K, 1.0f, xp, K, wp, K, 0.0f, op, N);  // row-major, A B^T
@@ -68,6 +72,9 @@ class Linear : public CpuInferencePrimitive {
       }
     });
   }
+
+ private:
+  GateColumns gate_;
 };
 
 // silu(x[..., g:g+width]) * x[..., u:u+width] for each row of x: the SwiGLU gate read
@@ -281,13 +288,15 @@ mx::array silu_mul_columns(const mx::array& x, int gate, int up, int width,
 }
 
 mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
-                 mx::StreamOrDevice s) {
+                 int gate, int up, mx::StreamOrDevice s) {
   if (process_sgemm() == nullptr) throw std::runtime_error("linear: no cblas_sgemm is loaded");
+  const GateColumns columns{gate, up};
   if (x.dtype() != mx::float32 || w.dtype() != mx::float32 || x.ndim() < 1 || w.ndim() != 2 ||
-      w.shape(1) != x.shape(-1)) {
+      (!columns.on() && w.shape(1) != x.shape(-1))) {
     throw std::invalid_argument("linear: x (..., K) and w (N, K) must be float32, got " +
                                 shape_str(x) + " and " + shape_str(w));
   }
+  check_gate("linear", columns, x.shape(-1), w.shape(1));
   std::vector<mx::array> inputs{x, w};
   if (bias) {
     if (bias->dtype() != mx::float32 || bias->ndim() != 1 || bias->shape(0) != w.shape(0)) {
@@ -297,7 +306,7 @@ mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx:
   }
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  return mx::array(std::move(shape), mx::float32, std::make_shared<Linear>(cpu_stream(s, "linear")),
+  return mx::array(std::move(shape), mx::float32, std::make_shared<Linear>(cpu_stream(s, "linear"), columns),
                    std::move(inputs));
 }
 
@@ -399,8 +408,10 @@ void register_decode_ops(nb::module_& m) {
         "silu(x[..., gate:gate+width]) * x[..., up:up+width], float32 (CPU): a fused gate/up "
         "projection's SwiGLU without slices.");
   m.def("linear", &linear, nb::arg("x"), nb::arg("w"), nb::arg("bias") = nb::none(),
-        nb::arg("stream") = nb::none(),
-        "x @ w.T (+ bias), float32 (CPU), through the process's cblas_sgemm, as one node.");
+        nb::arg("gate") = -1, nb::arg("up") = -1, nb::arg("stream") = nb::none(),
+        "x @ w.T (+ bias), float32 (CPU), through the process's cblas_sgemm, as one node. "
+        "gate, up >= 0: x is a fused gate/up product and the input is "
+        "silu(x[..., gate:gate+K]) * x[..., up:up+K].");
   m.def("has_sgemm", []() { return process_sgemm() != nullptr; },
         "Whether a cblas_sgemm is loaded in the process (for `linear`).");
   m.def("add_rms_norm", &add_rms_norm, nb::arg("x"), nb::arg("y"), nb::arg("w"),

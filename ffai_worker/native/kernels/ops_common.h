@@ -15,6 +15,8 @@
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
 
+#include "quant_gemm.h"  // ffai_silu_mul
+
 namespace ffai {
 
 namespace nb = nanobind;
@@ -64,6 +66,37 @@ inline const void* row_major_ptr(const mx::array& a, std::vector<char>& copy) {
   copy.resize(a.size() * a.itemsize());
   gather_row_major(a, copy.data());
   return copy.data();
+}
+
+// A product's input given as the gate/up columns of a fused projection (gate < 0: off):
+// its rows are silu(x[r, gate:gate + width]) * x[r, up:up + width], computed here (the
+// SiLU gate as its own node does it, act_kernels.h) so the gate is not a graph node.
+struct GateColumns {
+  int gate = -1, up = -1;
+  bool on() const { return gate >= 0; }
+  bool operator==(const GateColumns&) const = default;
+};
+
+// The product's input rows: `x`'s own (cols == width) or the gated ones, held by `gated`.
+inline const float* gated_rows(const float* x, size_t rows, size_t cols, GateColumns g,
+                               size_t width, std::vector<float>& gated) {
+  if (!g.on()) return x;
+  gated.resize(rows * width);
+  for (size_t r = 0; r < rows; ++r) {
+    ffai_silu_mul(x + r * cols + g.gate, x + r * cols + g.up, gated.data() + r * width, width);
+  }
+  return gated.data();
+}
+
+// Checks gate columns against the input's last axis; throws ValueError naming `op`.
+inline void check_gate(const char* op, GateColumns g, int cols, int width) {
+  if (!g.on()) return;
+  if (g.up < 0 || g.gate + width > cols || g.up + width > cols) {
+    throw std::invalid_argument(std::string(op) + ": gate " + std::to_string(g.gate) + " and up " +
+                                std::to_string(g.up) + " of width " + std::to_string(width) +
+                                " must lie within the input's " + std::to_string(cols) +
+                                " columns");
+  }
 }
 
 // What every primitive here shares: CPU only, inference only; the output has the shape

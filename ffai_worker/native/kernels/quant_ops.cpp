@@ -86,12 +86,16 @@ void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
 class QuantMatmul : public CpuInferencePrimitive {
  public:
   // packed_n > 0: the weights are in the packed layout and the output has packed_n columns.
-  QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16, int packed_n)
+  // K: the weights' input width; with gate columns the input is the fused gate/up product.
+  QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16, int packed_n, int K,
+              GateColumns gate)
       : CpuInferencePrimitive(stream),
         bits_(bits),
         group_size_(group_size),
         scales_f16_(scales_f16),
-        packed_n_(packed_n) {}
+        packed_n_(packed_n),
+        K_(K),
+        gate_(gate) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
 
@@ -100,7 +104,8 @@ class QuantMatmul : public CpuInferencePrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto* o = dynamic_cast<const QuantMatmul*>(&other);
     return o != nullptr && o->bits_ == bits_ && o->group_size_ == group_size_ &&
-        o->scales_f16_ == scales_f16_ && o->packed_n_ == packed_n_;
+        o->scales_f16_ == scales_f16_ && o->packed_n_ == packed_n_ && o->K_ == K_ &&
+        o->gate_ == gate_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -114,12 +119,14 @@ class QuantMatmul : public CpuInferencePrimitive {
   int group_size_;
   bool scales_f16_;
   int packed_n_;
+  int K_;
+  GateColumns gate_;
 };
 
 void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = start(inputs, out);
-  const int K = inputs[0].shape(-1);
-  const int M = K > 0 ? static_cast<int>(inputs[0].size() / K) : 0;
+  const int K = K_, cols = inputs[0].shape(-1);
+  const int M = cols > 0 ? static_cast<int>(inputs[0].size() / cols) : 0;
   const int N = packed_n_ > 0 ? packed_n_ : inputs[1].shape(0);
   // Weak copies: the eval loop keeps the buffers alive until this task has run
   // (mlx/backend/cpu/eval.cpp), as MLX's own CPU ops rely on.
@@ -129,14 +136,15 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
                     s = mx::array::unsafe_weak_copy(inputs[2]),
                     b = mx::array::unsafe_weak_copy(inputs[3]),
                     bias = mx::array::unsafe_weak_copy(inputs[has_bias ? 4 : 3]),
-                    o = mx::array::unsafe_weak_copy(out), M, N, K, bits = bits_,
+                    o = mx::array::unsafe_weak_copy(out), M, N, K, cols, bits = bits_,
                     gs = group_size_, f16 = scales_f16_, packed = packed_n_ > 0,
-                    has_bias]() mutable {
+                    has_bias, gate = gate_]() mutable {
     if (M == 0 || N == 0) {
       return;
     }
     std::vector<char> cx, cw, cs, cb;  // packed copies of non-contiguous inputs
-    auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
+    std::vector<float> gated;
+    auto* xp = gated_rows(static_cast<const float*>(row_major_ptr(x, cx)), M, cols, gate, K, gated);
     auto* wp = static_cast<const uint32_t*>(row_major_ptr(w, cw));
     const void* sp = row_major_ptr(s, cs);
     const void* bp = row_major_ptr(b, cb);
@@ -262,15 +270,18 @@ void check_packed(const mx::array& w, const mx::array& scales, const mx::array& 
 }
 
 // packed_n > 0: w, scales and biases are in the packed layout for packed_n rows.
-void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
-                const mx::array& biases, int bits, int group_size, int packed_n) {
+// Returns K, the product's input width: x's last axis, or with gate columns the weights'.
+int check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
+               const mx::array& biases, int bits, int group_size, int packed_n, GateColumns gate) {
   if (bits != 4 && bits != 8) bad("bits must be 4 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128) {
     bad("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
   }
   if (x.dtype() != mx::float32) bad("x must be float32");
   if (x.ndim() < 1) bad("x must have at least one dimension (..., K)");
-  const int K = x.shape(-1);
+  if (w.ndim() < 2) bad("w must have the rows and words axes, got " + shape_str(w));
+  const int K = gate.on() ? w.shape(1) * 32 / bits : x.shape(-1);
+  check_gate("quant_matmul", gate, x.shape(-1), K);
   if (K <= 0 || K % group_size != 0) {
     bad("K = x.shape[-1] = " + std::to_string(K) + " must be a positive multiple of group_size " +
         std::to_string(group_size));
@@ -278,7 +289,7 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
   if (packed_n < 0) bad("packed_n must be >= 0, got " + std::to_string(packed_n));
   if (packed_n > 0) {
     check_packed(w, scales, biases, K, bits, group_size, packed_n);
-    return;
+    return K;
   }
   if (w.dtype() != mx::uint32 || w.ndim() != 2) bad("w must be a 2-D uint32 array (N, K*bits/32)");
   const int N = w.shape(0);
@@ -296,12 +307,15 @@ void check_args(const mx::array& x, const mx::array& w, const mx::array& scales,
           std::to_string(K / group_size) + "), got " + shape_str(*p));
     }
   }
+  return K;
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                        const mx::array& biases, int bits, int group_size, int packed_n,
-                       const std::optional<mx::array>& bias, mx::StreamOrDevice s) {
-  check_args(x, w, scales, biases, bits, group_size, packed_n);
+                       const std::optional<mx::array>& bias, int gate, int up,
+                       mx::StreamOrDevice s) {
+  const GateColumns columns{gate, up};
+  const int K = check_args(x, w, scales, biases, bits, group_size, packed_n, columns);
   auto stream = mx::to_stream(s);
   if (stream.device.type != mx::Device::DeviceType::cpu) {
     bad("runs on the CPU only; pass stream=mx.cpu");
@@ -318,7 +332,8 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& 
   }
   return mx::array(std::move(shape), mx::float32,
                    std::make_shared<QuantMatmul>(stream, bits, group_size,
-                                                 scales.dtype() == mx::float16, packed_n),
+                                                 scales.dtype() == mx::float16, packed_n, K,
+                                                 columns),
                    std::move(inputs));
 }
 
@@ -366,10 +381,12 @@ NB_MODULE(_quant, m) {
 
   m.def("quant_matmul", &quant_matmul, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
         nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"), nb::arg("packed_n") = 0,
-        nb::arg("bias") = nb::none(), nb::arg("stream") = nb::none(),
+        nb::arg("bias") = nb::none(), nb::arg("gate") = -1, nb::arg("up") = -1,
+        nb::arg("stream") = nb::none(),
         "out[..., N] = x[..., K] @ dequantize(w, scales, biases)^T (MLX affine format), float32, "
         "plus `bias` (N,) if given. packed_n > 0: w, scales, biases in the packed layout "
-        "(quant.pack) of packed_n rows.");
+        "(quant.pack) of packed_n rows. gate, up >= 0: x is a fused gate/up product and the "
+        "input is silu(x[..., gate:gate+K]) * x[..., up:up+K].");
   m.def("silu_mul", &silu_mul, nb::arg("g"), nb::arg("u"), nb::arg("stream") = nb::none(),
         "silu(g) * u, float32, with MLX's exp polynomial in SIMD lanes (CPU).");
   m.def("softmax", &softmax, nb::arg("x"), nb::arg("causal") = false,
