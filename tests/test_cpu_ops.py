@@ -17,6 +17,7 @@ from ffai_worker.models.cpu_ops import (
     NativeEmbedding,
     NativeLinear,
     RMSNorm,
+    argmax,
     cpu_decode_step,
     fast_exp,
     rms_norm,
@@ -317,6 +318,34 @@ def test_native_linear_from_gate_columns(bias: bool) -> None:
     if ext.has_sgemm():
         with pytest.raises(ValueError, match="must lie within"):
             ext.linear(mx.zeros((2, 250)), layer.weight, gate=160, up=20)  # 160 + 96 > 250
+
+
+@needs_native
+def test_native_argmax_picks_what_mlx_argmax_picks() -> None:
+    """cpu_ops.argmax (the native node) and mx.argmax(axis=-1) give the same index for
+    random rows, ties (the first), -0.0 against 0.0, infinities and NaN (the first NaN),
+    in the SIMD body and in the tail past the last 16 columns."""
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(cols).astype(np.float32) for cols in (1, 7, 16, 33, 1000, 4099)]
+    big = rng.standard_normal(151936).astype(np.float32)
+    big[[100, 90000]] = 9.0  # a tie: the first wins
+    rows += [big, np.array([-0.0, 0.0] * 20, np.float32), np.full(40, -np.inf, np.float32)]
+    for at in (0, 5, 17, 4000, 4098):  # a NaN at the start, in the body, in the tail
+        row = rng.standard_normal(4099).astype(np.float32)
+        row[[at, 4098]] = np.nan
+        rows.append(row)
+    row = np.zeros(50, np.float32)
+    row[[3, 48]] = np.inf
+    rows.append(row)
+    for row in rows:
+        x = mx.array(row)
+        assert argmax(x).item() == mx.argmax(x).item(), (len(row), np.flatnonzero(np.isnan(row)))
+    batch = mx.array(rng.standard_normal((3, 5, 300)).astype(np.float32))
+    got = argmax(batch)
+    assert got.dtype == mx.int32 and got.shape == (3, 5)
+    assert np.array_equal(np.array(got), np.array(mx.argmax(batch, axis=-1)))
+    with pytest.raises(ValueError, match="float32"):
+        quant.native_ops().argmax(mx.zeros((2, 3), dtype=mx.int32))
 
 
 @needs_native

@@ -57,6 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import mlx.core as mx
 
 from ffai_client.types import GenerationParameters
+from ffai_worker.models.cpu_ops import argmax
 
 DEFAULT_TEMPERATURE = 0.6
 _NEG_INF = -math.inf
@@ -287,7 +288,7 @@ class Sampler:
         if self._forced is not None:
             return mx.array(self._forced, dtype=mx.int32)
         if self.is_greedy_fast:
-            return mx.argmax(logits).astype(mx.int32)
+            return argmax(logits)
         x = self.penalized(logits, history)
         token = mx.argmax(x) if self.greedy else self._draw(x)
         if self._has_ban:
@@ -354,11 +355,10 @@ def sample_batch(
         )
     fast = [i for i, s in enumerate(samplers) if s.is_greedy_fast]
     if len(fast) == rows:
-        return mx.argmax(logits, axis=-1).astype(mx.int32)
+        return argmax(logits)
     greedy: mx.array | None = None
     if fast:
-        picked = logits if len(fast) == rows else logits[mx.array(fast, dtype=mx.int32)]
-        greedy = mx.argmax(picked, axis=-1).astype(mx.int32)  # (len(fast),)
+        greedy = argmax(logits[mx.array(fast, dtype=mx.int32)])  # (len(fast),)
     slot = {row: j for j, row in enumerate(fast)}
     tokens = []
     for i, (sampler, history) in enumerate(zip(samplers, histories, strict=True)):

@@ -122,6 +122,16 @@ class RMSNorm(nn.RMSNorm):
         return total, self(total)
 
 
+def argmax(x: mx.array) -> mx.array:
+    """`mx.argmax(x, axis=-1)` as int32, the same indices (ties and NaN included): one native
+    node on a CPU, where MLX's is a scalar loop per row (8 rows of a 152K vocabulary: 1.6
+    ms a decode step there, 0.1 ms here)."""
+    ext = native_ops()
+    if ext is not None and x.dtype == mx.float32 and x.ndim >= 1 and x.shape[-1] > 0:
+        return ext.argmax(x)  # type: ignore[no-any-return]
+    return mx.argmax(x, axis=-1).astype(mx.int32)
+
+
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     """silu(gate) * up: the SwiGLU gate, one native kernel on a CPU."""
     ext = native_ops()

@@ -1,5 +1,5 @@
-/* Row and elementwise kernels of quant_gemm.c's library: silu(g) * u, row softmax and
- * RMSNorm.
+/* Row and elementwise kernels of quant_gemm.c's library: silu(g) * u, row softmax,
+ * RMSNorm and the row argmax of greedy decoding (MLX's is one scalar loop per row).
  *
  * Why: MLX's CPU exp is a libm call per element (12-57 ns); a 512-token prefill of a
  * 0.5B model spends over a second in the SiLU gate and the attention softmax alone.
@@ -126,6 +126,49 @@ static void softmax_row_generic(const float *x, float *out, int cols, int valid)
     for (int j = valid; j < cols; j++) out[j] = 0.0f;
 }
 
+/* A row's argmax as MLX's: the first NaN if the row has one, else the first of its
+ * largest values (equal values, -0.0 and 0.0 included, go to the lower index). */
+static int argmax_row_generic(const float *x, int cols) {
+    int best = 0;
+    for (int i = 1; i < cols; i++)
+        if (x[i] > x[best] || (x[i] != x[i] && x[best] == x[best])) best = i;
+    return best;
+}
+
+#ifdef HAVE_X86
+/* 16 lanes each keep their first largest value (strict >); the lanes are then merged by
+ * value, lower index first among equals. A row with a NaN takes the scalar loop. */
+T512 static int argmax_row_avx512(const float *x, int cols) {
+    if (cols < 16) return argmax_row_generic(x, cols);
+    __m512 best = _mm512_loadu_ps(x);
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i best_at = at;
+    __mmask16 nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
+    int i = 16;
+    for (; i + 16 <= cols; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __mmask16 larger = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, larger, v);
+        best_at = _mm512_mask_mov_epi32(best_at, larger, at);
+    }
+    for (int t = i; t < cols; t++) nan |= x[t] != x[t];
+    if (nan) return argmax_row_generic(x, cols);
+    float value[16];
+    int32_t index[16];
+    _mm512_storeu_ps(value, best);
+    _mm512_storeu_si512(index, best_at);
+    int lane = 0;
+    for (int l = 1; l < 16; l++)
+        if (value[l] > value[lane] || (value[l] == value[lane] && index[l] < index[lane])) lane = l;
+    int result = index[lane];
+    for (float top = value[lane]; i < cols; i++) /* the tail: later indices, strict > */
+        if (x[i] > top) top = x[i], result = i;
+    return result;
+}
+#endif
+
 static int act_simd(void) {
 #ifdef HAVE_X86
     return strcmp(ffai_quant_isa(), "avx512-vnni") == 0;
@@ -200,6 +243,28 @@ static void rms_norm_task(const void *ctx, int part, int parts) {
     }
 }
 
+struct argmax_job {
+    const float *x;
+    int32_t *out;
+    int rows, cols, simd;
+};
+
+static void argmax_task(const void *ctx, int part, int parts) {
+    const struct argmax_job *j = ctx;
+    int r0, r1;
+    pool_split(part, parts, j->rows, 1, &r0, &r1);
+    for (int r = r0; r < r1; r++) {
+        const float *x = j->x + (size_t)r * j->cols;
+#ifdef HAVE_X86
+        if (j->simd) {
+            j->out[r] = argmax_row_avx512(x, j->cols);
+            continue;
+        }
+#endif
+        j->out[r] = argmax_row_generic(x, j->cols);
+    }
+}
+
 static void act_configure_once(void) {
     if (!atomic_exchange(&configured, 1)) pool_configure(pool_cpus());
 }
@@ -222,4 +287,10 @@ void ffai_rms_norm(const float *x, const float *w, float *out, int rows, int col
     act_configure_once();
     struct act_job j = {x, w, out, 0, rows, cols, 0, 0, 0, act_simd(), eps};
     pool_run(rms_norm_task, &j, (size_t)rows * cols >= ACT_SHARE_MIN && rows >= 2);
+}
+
+void ffai_argmax_rows(const float *x, int32_t *out, int rows, int cols) {
+    act_configure_once();
+    struct argmax_job j = {x, out, rows, cols, act_simd()};
+    pool_run(argmax_task, &j, (size_t)rows * cols >= 4 * ACT_SHARE_MIN && rows >= 2);
 }

@@ -400,9 +400,51 @@ mx::array decode_attention(const mx::array& q, const mx::array& k_cache,
                    decode_inputs({q, k_cache, v_cache, positions}, inv_freq));
 }
 
+// The index of each row's largest value over the last axis, int32 (act_kernels.h: MLX's
+// argmax semantics, SIMD lanes, rows over the pool): greedy decoding's token pick.
+class ArgmaxLast : public CpuInferencePrimitive {
+ public:
+  using CpuInferencePrimitive::CpuInferencePrimitive;
+  const char* name() const override { return "FfaiArgmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return dynamic_cast<const ArgmaxLast*>(&other) != nullptr;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.pop_back();
+    return {shape};
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = start(inputs, out);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]),
+                      o = mx::array::unsafe_weak_copy(out)]() mutable {
+      const int cols = x.shape(-1);
+      const int rows = static_cast<int>(x.size() / cols);
+      if (rows == 0) return;
+      std::vector<char> cx;
+      ffai_argmax_rows(static_cast<const float*>(row_major_ptr(x, cx)), o.data<int32_t>(), rows,
+                       cols);
+    });
+  }
+};
+
+mx::array argmax(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) < 1) {
+    throw std::invalid_argument("argmax: x must be float32 with a non-empty last axis, got " +
+                                shape_str(x));
+  }
+  auto shape = x.shape();
+  shape.pop_back();
+  return mx::array(std::move(shape), mx::int32,
+                   std::make_shared<ArgmaxLast>(cpu_stream(s, "argmax")), {x});
+}
+
 }  // namespace
 
 void register_decode_ops(nb::module_& m) {
+  m.def("argmax", &argmax, nb::arg("x"), nb::arg("stream") = nb::none(),
+        "The index of each row's largest value over the last axis, int32 (CPU), as "
+        "mx.argmax(x, axis=-1) picks it (the first NaN, else the first largest).");
   m.def("silu_mul_columns", &silu_mul_columns, nb::arg("x"), nb::arg("gate"), nb::arg("up"),
         nb::arg("width"), nb::arg("stream") = nb::none(),
         "silu(x[..., gate:gate+width]) * x[..., up:up+width], float32 (CPU): a fused gate/up "

@@ -45,6 +45,10 @@ void ffai_softmax_rows(const float *x, float *out, int rows, int cols, int causa
 /* RMSNorm of each row of x (rows, cols): x * (1 / sqrt(mean(x^2) + eps)) * w[col]. */
 void ffai_rms_norm(const float *x, const float *w, float *out, int rows, int cols, float eps);
 
+/* out[r] = the index of row r's largest value (MLX's argmax: the first NaN if any, else the
+ * first largest), x (rows, cols) float32, cols >= 1. */
+void ffai_argmax_rows(const float *x, int32_t *out, int rows, int cols);
+
 /* RoPE of a decode step (attn_kernels.h): the first rope_dims features of each head
  * rotate (rotate_half layout) by position * rope_scale * inv_freq[i], after the rotated
  * features are multiplied by rope_mscale (LongRoPE; 1 otherwise). */
