@@ -233,6 +233,43 @@ def test_fused_float_siblings_give_the_same_logits_to_the_bit(
     np.testing.assert_allclose(np.array(fused(long)), np.array(plain(long)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", [mx.float16, mx.float32])
+def test_packed_embedding_rows_are_mlx_dequantize(bits: int, scale_dtype: mx.Dtype) -> None:
+    """The native lookup (one node) returns mx.dequantize of the packed rows, to the bit;
+    an id outside the table gives zeros; bad arguments raise ValueError."""
+    ext = quant.native_ops()
+    if ext is None:
+        pytest.skip("the native extension is not built here")
+    holder = nn.Sequential(nn.Embedding(300, 128))
+    mx.eval(holder.parameters())
+    quantize_model(holder, bits)
+    use_kernel(holder)
+    embed = holder.layers[0]
+    assert isinstance(embed, KernelQuantizedEmbedding)
+    for key in ("scales", "biases"):
+        embed[key] = embed[key].astype(scale_dtype)
+    ids = mx.array([[0, 15, 16, 299], [7, 100, 250, 3]], dtype=mx.int32)
+    parts = [quant.packed_rows(embed[k], ids) for k in ("weight", "scales", "biases")]
+    want = mx.dequantize(
+        parts[0],
+        parts[1].astype(mx.float32),
+        parts[2].astype(mx.float32),
+        group_size=embed.group_size,
+        bits=bits,
+    )
+    got = embed(ids)
+    assert got.shape == (2, 4, 128) and np.array_equal(np.array(got), np.array(want))
+    kw = {"bits": bits, "group_size": embed.group_size, "rows": 300}
+    arrays = (embed["weight"], embed["scales"], embed["biases"])
+    outside = ext.embed_rows(mx.array([300, -1], dtype=mx.int32), *arrays, **kw)
+    assert not np.array(outside).any()
+    with pytest.raises(ValueError, match="ids must be int32"):
+        ext.embed_rows(mx.array([1.0]), *arrays, **kw)
+    with pytest.raises(ValueError, match="w must be packed"):
+        ext.embed_rows(ids, *arrays, **{**kw, "rows": 100})
+
+
 def _decode_logits(model: Any, steps: int = 3) -> np.ndarray:
     """Logits of a few batched decode steps (2 rows at different lengths) after a prefill."""
     cache = SlotCache(model.num_layers, model.n_kv_heads, model.head_dim, mx.float32, max_slots=2)

@@ -96,6 +96,17 @@ class KernelQuantizedEmbedding(_Packed, nn.QuantizedEmbedding):
     compute_dtype = mx.float32
 
     def __call__(self, x: mx.array) -> mx.array:
+        ext = quant.native_ops()
+        if ext is not None and x.dtype == mx.int32:  # one node: the lookup and dequantize
+            return ext.embed_rows(  # type: ignore[no-any-return]
+                x,
+                self["weight"],
+                self["scales"],
+                self["biases"],
+                bits=self.bits,
+                group_size=self.group_size,
+                rows=self.packed_n,
+            )
         w, s, b = (quant.packed_rows(self[k], x) for k in ("weight", "scales", "biases"))
         return mx.dequantize(
             w,

@@ -400,6 +400,100 @@ mx::array decode_attention(const mx::array& q, const mx::array& k_cache,
                    decode_inputs({q, k_cache, v_cache, positions}, inv_freq));
 }
 
+// Rows `ids` of a quantized embedding in the packed layout (quant_gemm.h), dequantized to
+// float32 as mx.dequantize does it (scale * q + bias): ids.shape + (K,). One node where
+// the row lookup in the packed arrays and the dequantization were about 25. An id out of
+// [0, rows) gives a row of zeros (the tokenizer never makes one; no read out of bounds).
+class PackedEmbedding : public CpuInferencePrimitive {
+ public:
+  struct Params {
+    int bits, group_size, rows, K;
+    bool f16;
+    bool operator==(const Params&) const = default;
+  };
+  PackedEmbedding(mx::Stream stream, Params p) : CpuInferencePrimitive(stream), p_(p) {}
+  const char* name() const override { return "FfaiPackedEmbedding"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const PackedEmbedding*>(&other);
+    return o != nullptr && o->p_ == p_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.push_back(p_.K);
+    return {shape};
+  }
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = start(inputs, out);
+    auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
+    encoder.dispatch([ids = weak(inputs[0]), w = weak(inputs[1]), sc = weak(inputs[2]),
+                      bi = weak(inputs[3]), o = weak(out), p = p_]() mutable {
+      std::vector<char> cids;
+      auto* id = static_cast<const int32_t*>(row_major_ptr(ids, cids));
+      for (size_t r = 0; r < ids.size(); ++r) {
+        lookup(p, id[r], w.data<uint32_t>(), sc.data<void>(), bi.data<void>(),
+               o.data<float>() + r * p.K);
+      }
+    });
+  }
+
+ private:
+  static float param(const void* a, size_t i, bool f16) {
+    if (!f16) return static_cast<const float*>(a)[i];
+    return static_cast<float>(static_cast<const mx::float16_t*>(a)[i]);
+  }
+  static void lookup(const Params& p, int32_t n, const uint32_t* w, const void* sc,
+                     const void* bi, float* out) {
+    if (n < 0 || n >= p.rows) {
+      std::memset(out, 0, sizeof(float) * p.K);
+      return;
+    }
+    const int per_word = 32 / p.bits, words = p.K / per_word, groups = p.K / p.group_size;
+    const uint32_t mask = (1u << p.bits) - 1u;
+    const size_t block = n / 16, lane = n % 16;
+    for (int g = 0; g < groups; ++g) {
+      const size_t at = (block * groups + g) * 16 + lane;
+      const float scale = param(sc, at, p.f16), bias = param(bi, at, p.f16);
+      for (int k = g * p.group_size; k < (g + 1) * p.group_size; k += per_word) {
+        uint32_t word = w[(block * words + k / per_word) * 16 + lane];
+        for (int j = 0; j < per_word; ++j, word >>= p.bits) {
+          out[k + j] = scale * static_cast<float>(word & mask) + bias;
+        }
+      }
+    }
+  }
+  Params p_;
+};
+
+mx::array embed_rows(const mx::array& ids, const mx::array& w, const mx::array& scales,
+                     const mx::array& biases, int bits, int group_size, int rows,
+                     mx::StreamOrDevice s) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument("embed_rows: " + why + ", got ids " + shape_str(ids) + ", w " +
+                                shape_str(w) + ", scales " + shape_str(scales));
+  };
+  if (ids.dtype() != mx::int32) fail("ids must be int32");
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8");
+  if (group_size < 1 || group_size % (32 / bits) != 0) fail("bad group_size");
+  const int blocks = (rows + 15) / 16;
+  if (w.dtype() != mx::uint32 || w.ndim() != 3 || w.shape(0) != blocks || w.shape(2) != 16) {
+    fail("w must be packed uint32 (rows/16, words, 16)");
+  }
+  const int K = w.shape(1) * (32 / bits);
+  const bool f16 = scales.dtype() == mx::float16;
+  for (const auto* a : {&scales, &biases}) {
+    if ((a->dtype() != mx::float32 && !f16) || a->dtype() != scales.dtype() || a->ndim() != 3 ||
+        a->shape(0) != blocks || a->shape(1) * group_size != K || a->shape(2) != 16) {
+      fail("scales and biases must be packed float32 or float16 (rows/16, K/group_size, 16)");
+    }
+  }
+  auto shape = ids.shape();
+  shape.push_back(K);
+  PackedEmbedding::Params p{bits, group_size, rows, K, f16};
+  return mx::array(std::move(shape), mx::float32,
+                   std::make_shared<PackedEmbedding>(cpu_stream(s, "embed_rows"), p),
+                   {ids, w, scales, biases});
+}
+
 // The index of each row's largest value over the last axis, int32 (act_kernels.h: MLX's
 // argmax semantics, SIMD lanes, rows over the pool): greedy decoding's token pick.
 class ArgmaxLast : public CpuInferencePrimitive {
@@ -442,6 +536,11 @@ mx::array argmax(const mx::array& x, mx::StreamOrDevice s) {
 }  // namespace
 
 void register_decode_ops(nb::module_& m) {
+  m.def("embed_rows", &embed_rows, nb::arg("ids"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("bits"), nb::arg("group_size"), nb::arg("rows"),
+        nb::arg("stream") = nb::none(),
+        "Rows `ids` (int32, any shape) of a packed quantized embedding of `rows` rows, "
+        "dequantized to float32 (scale * q + bias): ids.shape + (K,).");
   m.def("argmax", &argmax, nb::arg("x"), nb::arg("stream") = nb::none(),
         "The index of each row's largest value over the last axis, int32 (CPU), as "
         "mx.argmax(x, axis=-1) picks it (the first NaN, else the first largest).");
