@@ -35,14 +35,11 @@ SgemmFn process_sgemm() {
 // float Linear as one graph node (MLX's nn.Linear is a weight transpose, a flatten, the
 // matmul and an unflatten, plus a broadcast with a bias).
 // With gate columns, x is a fused gate/up product and the input its SwiGLU gate (GateColumns).
-class Linear : public CpuInferencePrimitive {
+class Linear : public SameParams<Linear, CpuInferencePrimitive> {
  public:
-  Linear(mx::Stream stream, GateColumns gate) : CpuInferencePrimitive(stream), gate_(gate) {}
+  Linear(mx::Stream stream, GateColumns gate) : SameParams(stream), gate_(gate) {}
   const char* name() const override { return "FfaiLinear"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const Linear*>(&other);
-    return o != nullptr && o->gate_ == gate_;
-  }
+  auto params() const { return std::tie(gate_); }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
     shape.back() = inputs[1].shape(0);
@@ -80,15 +77,12 @@ class Linear : public CpuInferencePrimitive {
 // silu(x[..., g:g+width]) * x[..., u:u+width] for each row of x: the SwiGLU gate read
 // straight from a fused gate/up projection, with no slice nodes (decode-sized: one
 // kernel call per row).
-class SiluMulColumns : public CpuInferencePrimitive {
+class SiluMulColumns : public SameParams<SiluMulColumns, CpuInferencePrimitive> {
  public:
   SiluMulColumns(mx::Stream stream, int gate, int up, int width)
-      : CpuInferencePrimitive(stream), gate_(gate), up_(up), width_(width) {}
+      : SameParams(stream), gate_(gate), up_(up), width_(width) {}
   const char* name() const override { return "FfaiSiluMulColumns"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const SiluMulColumns*>(&other);
-    return o != nullptr && o->gate_ == gate_ && o->up_ == up_ && o->width_ == width_;
-  }
+  auto params() const { return std::tie(gate_, up_, width_); }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
     shape.back() = width_;
@@ -114,14 +108,11 @@ class SiluMulColumns : public CpuInferencePrimitive {
 
 // x + y and RMSNorm of that sum (act_kernels.h): a residual add and the norm after it as
 // one node with two outputs (the sum goes on as the residual stream).
-class AddRmsNorm : public mx::Primitive {
+class AddRmsNorm : public SameParams<AddRmsNorm, mx::Primitive> {
  public:
-  AddRmsNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  AddRmsNorm(mx::Stream stream, float eps) : SameParams(stream), eps_(eps) {}
   const char* name() const override { return "FfaiAddRmsNorm"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const AddRmsNorm*>(&other);
-    return o != nullptr && o->eps_ == eps_;
-  }
+  auto params() const { return std::tie(eps_); }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape(), inputs[0].shape()};
   }
@@ -184,15 +175,12 @@ const float* rows_of(const mx::array& a, std::vector<char>& copy, long& stride) 
 // cache, new rows (B, 1, n_kv * D), positions (B,) int32[, inv_freq]. The output is the
 // cache, in the input's own memory when nothing else holds it (the decode step donates
 // its cache buffers), else in a copy.
-class KvWrite : public CpuInferencePrimitive {
+class KvWrite : public SameParams<KvWrite, CpuInferencePrimitive> {
  public:
   KvWrite(mx::Stream stream, RopeParams rope, int column)
-      : CpuInferencePrimitive(stream), rope_(rope), column_(column) {}
+      : SameParams(stream), rope_(rope), column_(column) {}
   const char* name() const override { return "FfaiKvWrite"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const KvWrite*>(&other);
-    return o != nullptr && o->rope_ == rope_ && o->column_ == column_;
-  }
+  auto params() const { return std::tie(rope_, column_); }
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& cache = inputs[0];
     const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous);
@@ -229,7 +217,7 @@ class KvWrite : public CpuInferencePrimitive {
 // Each query head of a decode step over its row's cached positions: inputs q (B, 1, H * D),
 // the key and value caches (B, n_kv, T, D), positions (B,) int32[, inv_freq]; output
 // (B, 1, H * D).
-class DecodeAttention : public CpuInferencePrimitive {
+class DecodeAttention : public SameParams<DecodeAttention, CpuInferencePrimitive> {
  public:
   struct Params {
     RopeParams rope;
@@ -237,12 +225,9 @@ class DecodeAttention : public CpuInferencePrimitive {
     int window, heads, column;  // column: where the query heads start in each row of q
     bool operator==(const Params&) const = default;
   };
-  DecodeAttention(mx::Stream stream, Params p) : CpuInferencePrimitive(stream), p_(p) {}
+  DecodeAttention(mx::Stream stream, Params p) : SameParams(stream), p_(p) {}
   const char* name() const override { return "FfaiDecodeAttention"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const DecodeAttention*>(&other);
-    return o != nullptr && o->p_ == p_;
-  }
+  auto params() const { return std::tie(p_); }
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = start(inputs, out);
     auto weak = [](const mx::array& a) { return mx::array::unsafe_weak_copy(a); };
@@ -404,19 +389,16 @@ mx::array decode_attention(const mx::array& q, const mx::array& k_cache,
 // float32 as mx.dequantize does it (scale * q + bias): ids.shape + (K,). One node where
 // the row lookup in the packed arrays and the dequantization were about 25. An id out of
 // [0, rows) gives a row of zeros (the tokenizer never makes one; no read out of bounds).
-class PackedEmbedding : public CpuInferencePrimitive {
+class PackedEmbedding : public SameParams<PackedEmbedding, CpuInferencePrimitive> {
  public:
   struct Params {
     int bits, group_size, rows, K;
     bool f16;
     bool operator==(const Params&) const = default;
   };
-  PackedEmbedding(mx::Stream stream, Params p) : CpuInferencePrimitive(stream), p_(p) {}
+  PackedEmbedding(mx::Stream stream, Params p) : SameParams(stream), p_(p) {}
   const char* name() const override { return "FfaiPackedEmbedding"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const PackedEmbedding*>(&other);
-    return o != nullptr && o->p_ == p_;
-  }
+  auto params() const { return std::tie(p_); }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
     shape.push_back(p_.K);
@@ -496,13 +478,11 @@ mx::array embed_rows(const mx::array& ids, const mx::array& w, const mx::array& 
 
 // The index of each row's largest value over the last axis, int32 (act_kernels.h: MLX's
 // argmax semantics, SIMD lanes, rows over the pool): greedy decoding's token pick.
-class ArgmaxLast : public CpuInferencePrimitive {
+class ArgmaxLast : public SameParams<ArgmaxLast, CpuInferencePrimitive> {
  public:
-  using CpuInferencePrimitive::CpuInferencePrimitive;
+  using SameParams::SameParams;
   const char* name() const override { return "FfaiArgmax"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return dynamic_cast<const ArgmaxLast*>(&other) != nullptr;
-  }
+  auto params() const { return std::tuple<>(); }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
     shape.pop_back();

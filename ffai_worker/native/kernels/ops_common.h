@@ -7,6 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "mlx/allocator.h"
@@ -87,6 +88,19 @@ inline const float* gated_rows(const float* x, size_t rows, size_t cols, GateCol
   }
   return gated.data();
 }
+
+// is_equivalent as every primitive here defines it: the same class with equal `params()`
+// (mx.compile merges equivalent nodes). A primitive derives from SameParams<itself> (over
+// CpuInferencePrimitive, or another base) and returns std::tie of its fields, or {}.
+template <class Derived, class Base>
+class SameParams : public Base {
+ public:
+  using Base::Base;
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto* o = dynamic_cast<const Derived*>(&other);
+    return o != nullptr && o->params() == static_cast<const Derived*>(this)->params();
+  }
+};
 
 // Checks gate columns against the input's last axis; throws ValueError naming `op`.
 inline void check_gate(const char* op, GateColumns g, int cols, int width) {

@@ -83,13 +83,13 @@ void scalar_quant_matmul(const float* x, const uint32_t* w, const void* scales,
   }
 }
 
-class QuantMatmul : public CpuInferencePrimitive {
+class QuantMatmul : public SameParams<QuantMatmul, CpuInferencePrimitive> {
  public:
   // packed_n > 0: the weights are in the packed layout and the output has packed_n columns.
   // K: the weights' input width; with gate columns the input is the fused gate/up product.
   QuantMatmul(mx::Stream stream, int bits, int group_size, bool scales_f16, int packed_n, int K,
               GateColumns gate)
-      : CpuInferencePrimitive(stream),
+      : SameParams(stream),
         bits_(bits),
         group_size_(group_size),
         scales_f16_(scales_f16),
@@ -101,12 +101,7 @@ class QuantMatmul : public CpuInferencePrimitive {
 
   const char* name() const override { return "FfaiQuantMatmul"; }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const QuantMatmul*>(&other);
-    return o != nullptr && o->bits_ == bits_ && o->group_size_ == group_size_ &&
-        o->scales_f16_ == scales_f16_ && o->packed_n_ == packed_n_ && o->K_ == K_ &&
-        o->gate_ == gate_;
-  }
+  auto params() const { return std::tie(bits_, group_size_, scales_f16_, packed_n_, K_, gate_); }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     auto shape = inputs[0].shape();
@@ -166,13 +161,11 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
 }
 
 // silu(g) * u elementwise (act_kernels.h); inputs of one shape, float32.
-class SiluMul : public CpuInferencePrimitive {
+class SiluMul : public SameParams<SiluMul, CpuInferencePrimitive> {
  public:
-  using CpuInferencePrimitive::CpuInferencePrimitive;
+  using SameParams::SameParams;
   const char* name() const override { return "FfaiSiluMul"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return dynamic_cast<const SiluMul*>(&other) != nullptr;
-  }
+  auto params() const { return std::tuple<>(); }
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = start(inputs, out);
     encoder.dispatch([g = mx::array::unsafe_weak_copy(inputs[0]),
@@ -187,14 +180,11 @@ class SiluMul : public CpuInferencePrimitive {
 
 // Softmax over the last axis (act_kernels.h), optionally with the causal mask of a
 // (..., L, T) score block: query i sees keys 0..T-L+i.
-class RowSoftmax : public CpuInferencePrimitive {
+class RowSoftmax : public SameParams<RowSoftmax, CpuInferencePrimitive> {
  public:
-  RowSoftmax(mx::Stream stream, bool causal) : CpuInferencePrimitive(stream), causal_(causal) {}
+  RowSoftmax(mx::Stream stream, bool causal) : SameParams(stream), causal_(causal) {}
   const char* name() const override { return "FfaiRowSoftmax"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const RowSoftmax*>(&other);
-    return o != nullptr && o->causal_ == causal_;
-  }
+  auto params() const { return std::tie(causal_); }
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = start(inputs, out);
     const auto& x = inputs[0];
@@ -215,14 +205,11 @@ class RowSoftmax : public CpuInferencePrimitive {
 };
 
 // RMSNorm over the last axis with a weight of that width (act_kernels.h).
-class RmsNorm : public CpuInferencePrimitive {
+class RmsNorm : public SameParams<RmsNorm, CpuInferencePrimitive> {
  public:
-  RmsNorm(mx::Stream stream, float eps) : CpuInferencePrimitive(stream), eps_(eps) {}
+  RmsNorm(mx::Stream stream, float eps) : SameParams(stream), eps_(eps) {}
   const char* name() const override { return "FfaiRmsNorm"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto* o = dynamic_cast<const RmsNorm*>(&other);
-    return o != nullptr && o->eps_ == eps_;
-  }
+  auto params() const { return std::tie(eps_); }
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = start(inputs, out);
     const int cols = inputs[0].shape(-1);
