@@ -46,6 +46,7 @@ from ffai_worker.engine.kv_cache import SlotCache
 from ffai_worker.engine.types import RequestKey
 from ffai_worker.models.cpu_ops import (
     NativeFusedLinear,
+    argmax,
     cpu_decode_step,
     scaled_dot_product_attention,
     silu_mul,
@@ -241,7 +242,7 @@ def parts(model: Any, batch: int, width: int) -> dict[str, Callable[[], Any]]:
         "silu*up": (mx.compile(silu_gates), (gate, up)),
         "attention+kv": (attention_step, ()),
         "embedding": (lambda t: model.model.embed_tokens(t), (tokens,)),
-        "argmax": (lambda x: mx.argmax(x, axis=-1), (logits,)),
+        "argmax": (argmax, (logits,)),  # as greedy sampling picks (native on a Linux CPU)
     }
     return {name: (lambda f=f, args=args: f(*args)) for name, (f, args) in fns.items()}
 
