@@ -66,21 +66,25 @@ static inline void store(const struct job *j, int n, int m, float value) {
 #define TARGET __attribute__((target("avx512f,fma")))
 #define VW 16
 #define FMADD(a, b, c) ((vec_avx512)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
 #include "small_gemm_tiles.h"
 #undef VARIANT
 #undef TARGET
 #undef VW
 #undef FMADD
+#undef KEEP_IN_REGISTER
 
 #define VARIANT avx2
 #define TARGET __attribute__((target("avx2,fma")))
 #define VW 8
 #define FMADD(a, b, c) ((vec_avx2)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#define KEEP_IN_REGISTER(v) __asm__("" : "+v"(v))
 #include "small_gemm_tiles.h"
 #undef VARIANT
 #undef TARGET
 #undef VW
 #undef FMADD
+#undef KEEP_IN_REGISTER
 #define HAVE_X86_VARIANTS 1
 
 #elif defined(__aarch64__)
@@ -91,11 +95,13 @@ static inline void store(const struct job *j, int n, int m, float value) {
 #define TARGET
 #define VW 4
 #define FMADD(a, b, c) ((vec_neon)vfmaq_f32((float32x4_t)(c), (float32x4_t)(a), (float32x4_t)(b)))
+#define KEEP_IN_REGISTER(v) __asm__("" : "+w"(v))
 #include "small_gemm_tiles.h"
 #undef VARIANT
 #undef TARGET
 #undef VW
 #undef FMADD
+#undef KEEP_IN_REGISTER
 
 #else
 #define CPU_RELAX() ((void)0)
@@ -107,11 +113,13 @@ static inline void store(const struct job *j, int n, int m, float value) {
 #define TARGET
 #define VW 8
 #define FMADD(a, b, c) ((a) * (b) + (c))
+#define KEEP_IN_REGISTER(v) ((void)0)
 #include "small_gemm_tiles.h"
 #undef VARIANT
 #undef TARGET
 #undef VW
 #undef FMADD
+#undef KEEP_IN_REGISTER
 
 typedef void (*rows_fn)(const struct job *, int, int);
 

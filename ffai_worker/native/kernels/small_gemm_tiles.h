@@ -4,6 +4,9 @@
  *   TARGET   function attribute list for that ISA (empty for the baseline)
  *   VW       floats per vector
  *   FMADD(a, b, c)  a * b + c for that ISA's vector type (fused where the ISA has it)
+ *   KEEP_IN_REGISTER(v)  an empty asm that makes v opaque (or nothing): one load per
+ *                   activation vector, which the compiler would otherwise fold into each
+ *                   of the multiply-adds that use it (NB loads instead of one)
  *
  * Every output is one accumulator summed over k in order, then the same horizontal
  * sum and scalar tail: identical arithmetic whichever tile computes it, so a row's
@@ -49,13 +52,17 @@ TARGET static inline float FN(hsum)(FN(vec) s) {
             for (int c = 0; c < MB; c++) s[r][c] = (FN(vec)){0};                       \
         int k = 0;                                                                     \
         for (; k + VW <= j->K; k += VW) {                                              \
-            FN(vec) a[MB];                                                             \
-            for (int c = 0; c < MB; c++) a[c] = *(const FN(vec) *)(A + (size_t)c * j->lda + k); \
+            FN(vec) w[NB]; /* the weights held, one activation row at a time: NB x MB  \
+                              accumulators + NB + 1 registers, no spill at 3 x 8 */    \
             for (int r = 0; r < NB; r++) {                                             \
                 const float *w_row = W + (size_t)r * j->ldb + k;                       \
                 if (ahead) __builtin_prefetch(w_row + (size_t)(2 * NB) * j->ldb, 0, 2); \
-                FN(vec) w = *(const FN(vec) *)w_row;                                   \
-                for (int c = 0; c < MB; c++) s[r][c] = FMADD(a[c], w, s[r][c]);        \
+                w[r] = *(const FN(vec) *)w_row;                                        \
+            }                                                                          \
+            for (int c = 0; c < MB; c++) {                                             \
+                FN(vec) a = *(const FN(vec) *)(A + (size_t)c * j->lda + k);            \
+                KEEP_IN_REGISTER(a);                                                   \
+                for (int r = 0; r < NB; r++) s[r][c] = FMADD(a, w[r], s[r][c]);        \
             }                                                                          \
         }                                                                              \
         for (int r = 0; r < NB; r++)                                                   \
