@@ -318,6 +318,12 @@ def test_native_linear_from_gate_columns(bias: bool) -> None:
     if ext.has_sgemm():
         with pytest.raises(ValueError, match="must lie within"):
             ext.linear(mx.zeros((2, 250)), layer.weight, gate=160, up=20)  # 160 + 96 > 250
+    # The gate as its own node reads the same columns the same way.
+    y = mx.random.normal((3, 1, 250), key=mx.random.key(7))
+    alone = ext.silu_mul_columns(y, 150, 20, 96)
+    assert np.array_equal(np.array(alone), np.array(ext.silu_mul(y[..., 150:246], y[..., 20:116])))
+    with pytest.raises(ValueError, match="must lie within"):
+        ext.silu_mul_columns(y, 20, 160, 96)
 
 
 @needs_native

@@ -199,7 +199,11 @@ def test_fused_siblings_give_the_same_logits_to_the_bit(
         assert np.array_equal(np.array(attn[name](x)), np.array(plain_attn[name](x)))
     assert fuse_siblings(fused) == 0  # nothing left to fuse
     # Decode steps: the native attention and gate read the fused product's columns.
-    assert np.array_equal(_decode_logits(fused), _decode_logits(plain))
+    graph = tmp_path / "step.dot"
+    assert np.array_equal(_decode_logits(fused, graph=graph), _decode_logits(plain))
+    if quant.native_ops() is not None:  # the gate inside the down product, one lookup node
+        ops = graph.read_text()
+        assert "FfaiSiluMul" not in ops and "FfaiPackedEmbedding" in ops, ops
     # out of order, or a partial group: each member on its own, same values
     k, q = project(x, attn.k_proj, attn.q_proj)
     assert np.array_equal(np.array(q), np.array(plain_attn.q_proj(x)))
@@ -228,7 +232,10 @@ def test_fused_float_siblings_give_the_same_logits_to_the_bit(
     assert not isinstance(plain.layers[0].self_attn.q_proj, FusedMember)
     short = mx.array([IDS])  # 12 rows: the native node
     assert np.array_equal(np.array(fused(short)), np.array(plain(short)))
-    assert np.array_equal(_decode_logits(fused), _decode_logits(plain))
+    graph = tmp_path / "step.dot"
+    assert np.array_equal(_decode_logits(fused, graph=graph), _decode_logits(plain))
+    ops = graph.read_text()  # per layer one q/k/v, one o, one gate/up and one down product
+    assert ops.count("FfaiLinear") == 4 * fused.num_layers + 1 and "FfaiSiluMul" not in ops
     long = mx.array([IDS * 4])  # 48 rows: MLX's product
     np.testing.assert_allclose(np.array(fused(long)), np.array(plain(long)), rtol=1e-5, atol=1e-5)
 
@@ -270,8 +277,10 @@ def test_packed_embedding_rows_are_mlx_dequantize(bits: int, scale_dtype: mx.Dty
         ext.embed_rows(ids, *arrays, **{**kw, "rows": 100})
 
 
-def _decode_logits(model: Any, steps: int = 3) -> np.ndarray:
-    """Logits of a few batched decode steps (2 rows at different lengths) after a prefill."""
+def _decode_logits(model: Any, steps: int = 3, graph: Path | None = None) -> np.ndarray:
+    """Logits of a few batched decode steps (2 rows at different lengths) after a prefill;
+    with `graph`, the second step's graph is written there (mx.export_to_dot: the first
+    call of the compiled step traces it)."""
     cache = SlotCache(model.num_layers, model.n_kv_heads, model.head_dim, mx.float32, max_slots=2)
     for slot, length in enumerate((5, 9)):
         cache.acquire()
@@ -280,6 +289,8 @@ def _decode_logits(model: Any, steps: int = 3) -> np.ndarray:
     tokens, logits = mx.array([[IDS[5]], [IDS[9]]]), []
     for _ in range(steps):
         out = decoder(tokens, [True, True])
+        if graph is not None and len(logits) == 1:
+            mx.export_to_dot(str(graph), out)
         mx.eval(out)
         logits.append(np.array(out))
         tokens = mx.argmax(out, axis=-1)[:, None]

@@ -97,9 +97,10 @@ class KernelQuantizedEmbedding(_Packed, nn.QuantizedEmbedding):
 
     def __call__(self, x: mx.array) -> mx.array:
         ext = quant.native_ops()
-        if ext is not None and x.dtype == mx.int32:  # one node: the lookup and dequantize
+        if ext is not None and mx.issubdtype(x.dtype, mx.integer):  # lookup and dequantize
+            ids = x if x.dtype == mx.int32 else x.astype(mx.int32)  # (mx.argmax's are uint32)
             return ext.embed_rows(  # type: ignore[no-any-return]
-                x,
+                ids,
                 self["weight"],
                 self["scales"],
                 self["biases"],

@@ -57,7 +57,8 @@ class Linear : public SameParams<Linear, CpuInferencePrimitive> {
       if (M == 0 || N == 0) return;
       std::vector<char> cx, cw, cb;
       std::vector<float> gated;
-      auto* xp = gated_rows(static_cast<const float*>(row_major_ptr(x, cx)), M, cols, gate, K, gated);
+      auto* xp =
+          gated_rows(static_cast<const float*>(row_major_ptr(x, cx)), M, cols, gate, K, gated);
       auto* wp = static_cast<const float*>(row_major_ptr(w, cw));
       float* op = o.data<float>();
       process_sgemm()(101, 111, 112, M, N, K, 1.0f, xp, K, wp, K, 0.0f, op, N);  // row-major, A B^T
@@ -96,9 +97,7 @@ class SiluMulColumns : public SameParams<SiluMulColumns, CpuInferencePrimitive> 
       std::vector<char> cx;
       auto* xp = static_cast<const float*>(row_major_ptr(x, cx));
       const size_t cols = x.shape(-1), rows = cols ? x.size() / cols : 0;
-      for (size_t r = 0; r < rows; ++r) {
-        ffai_silu_mul(xp + r * cols + g, xp + r * cols + u, o.data<float>() + r * w, w);
-      }
+      silu_mul_rows(xp, rows, cols, GateColumns{g, u}, w, o.data<float>());
     });
   }
 
@@ -259,13 +258,11 @@ mx::array silu_mul_columns(const mx::array& x, int gate, int up, int width,
   if (x.dtype() != mx::float32 || x.ndim() < 1) {
     throw std::invalid_argument("silu_mul_columns: x must be float32 (..., features)");
   }
-  const int cols = x.shape(-1);
-  if (width <= 0 || gate < 0 || up < 0 || gate + width > cols || up + width > cols) {
-    throw std::invalid_argument("silu_mul_columns: columns [" + std::to_string(gate) + ", +" +
-                                std::to_string(width) + ") and [" + std::to_string(up) + ", +" +
-                                std::to_string(width) + ") must lie in rows of " +
-                                std::to_string(cols));
+  if (width <= 0 || gate < 0) {
+    throw std::invalid_argument("silu_mul_columns: width and gate must be positive, got " +
+                                std::to_string(width) + " and " + std::to_string(gate));
   }
+  check_gate("silu_mul_columns", GateColumns{gate, up}, x.shape(-1), width);
   auto shape = x.shape();
   shape.back() = width;
   auto prim = std::make_shared<SiluMulColumns>(cpu_stream(s, "silu_mul_columns"), gate, up, width);
@@ -291,8 +288,8 @@ mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx:
   }
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  return mx::array(std::move(shape), mx::float32, std::make_shared<Linear>(cpu_stream(s, "linear"), columns),
-                   std::move(inputs));
+  auto prim = std::make_shared<Linear>(cpu_stream(s, "linear"), columns);
+  return mx::array(std::move(shape), mx::float32, prim, std::move(inputs));
 }
 
 std::vector<mx::array> add_rms_norm(const mx::array& x, const mx::array& y, const mx::array& w,

@@ -78,14 +78,21 @@ struct GateColumns {
   bool operator==(const GateColumns&) const = default;
 };
 
+// silu(x[r, gate:gate + width]) * x[r, up:up + width] for each row r of x (rows, cols),
+// into out (rows, width).
+inline void silu_mul_rows(const float* x, size_t rows, size_t cols, GateColumns g, size_t width,
+                          float* out) {
+  for (size_t r = 0; r < rows; ++r) {
+    ffai_silu_mul(x + r * cols + g.gate, x + r * cols + g.up, out + r * width, width);
+  }
+}
+
 // The product's input rows: `x`'s own (cols == width) or the gated ones, held by `gated`.
 inline const float* gated_rows(const float* x, size_t rows, size_t cols, GateColumns g,
                                size_t width, std::vector<float>& gated) {
   if (!g.on()) return x;
   gated.resize(rows * width);
-  for (size_t r = 0; r < rows; ++r) {
-    ffai_silu_mul(x + r * cols + g.gate, x + r * cols + g.up, gated.data() + r * width, width);
-  }
+  silu_mul_rows(x, rows, cols, g, width, gated.data());
   return gated.data();
 }
 

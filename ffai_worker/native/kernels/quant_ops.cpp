@@ -139,7 +139,8 @@ void QuantMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     }
     std::vector<char> cx, cw, cs, cb;  // packed copies of non-contiguous inputs
     std::vector<float> gated;
-    auto* xp = gated_rows(static_cast<const float*>(row_major_ptr(x, cx)), M, cols, gate, K, gated);
+    auto* xp =
+        gated_rows(static_cast<const float*>(row_major_ptr(x, cx)), M, cols, gate, K, gated);
     auto* wp = static_cast<const uint32_t*>(row_major_ptr(w, cw));
     const void* sp = row_major_ptr(s, cs);
     const void* bp = row_major_ptr(b, cb);
